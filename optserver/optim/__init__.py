@@ -1,0 +1,48 @@
+"""The optimizer core: torch.optim's algorithms over named numpy arrays, stepped in place.
+
+It knows nothing of HTTP or storage::
+
+    opt = create({"name": "adam", "lr": 1e-3})
+    state = opt.init(params)            # {name: AdamState}
+    opt.update(grads, state, params)    # params and state change in place
+"""
+
+from __future__ import annotations
+
+from optserver.optim.adagrad import Adagrad, AdagradHyperparams, AdagradState
+from optserver.optim.adam import Adam, AdamHyperparams, AdamState, AdamW, AdamWHyperparams
+from optserver.optim.base import FLOAT_DTYPES, Optimizer, OptState, TensorState
+from optserver.optim.errors import HyperparameterError, OptimError, TensorError
+from optserver.optim.hparams import Hyperparams
+from optserver.optim.kernels import configure_threads
+from optserver.optim.registry import OPTIMIZERS, create
+from optserver.optim.rmsprop import RMSprop, RMSpropHyperparams, RMSpropState
+from optserver.optim.sgd import SGD, SGDHyperparams, SGDState
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "OPTIMIZERS",
+    "SGD",
+    "Adagrad",
+    "AdagradHyperparams",
+    "AdagradState",
+    "Adam",
+    "AdamHyperparams",
+    "AdamState",
+    "AdamW",
+    "AdamWHyperparams",
+    "HyperparameterError",
+    "Hyperparams",
+    "OptState",
+    "OptimError",
+    "Optimizer",
+    "RMSprop",
+    "RMSpropHyperparams",
+    "RMSpropState",
+    "SGDHyperparams",
+    "SGDState",
+    "TensorError",
+    "TensorState",
+    "configure_threads",
+    "create",
+]

@@ -1,0 +1,223 @@
+"""The optimizer abstraction: typed per-tensor state and in-place steps over named arrays.
+
+In the spirit of optax, an optimizer is ``init(params) -> state`` and
+``update(grads, state, params)``; unlike optax, ``update`` changes the parameters and the state
+in place (numpy arrays, fused kernels), because a parameter server owns both and copying
+gigabytes per step is what it must not do.
+
+State is kept per tensor, as in torch.optim: each tensor has its own step count (the ``t`` of
+bias correction), so a push that names a subset of the tensors steps only those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
+import numpy as np
+
+from optserver.optim.errors import TensorError
+from optserver.optim.hparams import Hyperparams
+
+__all__ = ["FLOAT_DTYPES", "OptState", "Optimizer", "TensorState", "check_grad", "check_param"]
+
+#: Parameter dtypes the optimizers compute in; state arrays take the parameter's dtype.
+FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class TensorState:
+    """Optimizer state of one tensor: a step count and named arrays (torch's names).
+
+    Subclasses declare their arrays as fields typed ``np.ndarray`` (always present) or
+    ``np.ndarray | None`` (present only when an option needs them).
+    """
+
+    step: int = 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The state arrays that exist, by name (views, not copies)."""
+        out: dict[str, np.ndarray] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def array_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "step")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+
+#: The state of a whole model: tensor name -> that tensor's state.
+OptState = dict[str, TensorState]
+
+H = TypeVar("H", bound=Hyperparams)
+S = TypeVar("S", bound=TensorState)
+
+
+def check_param(name: str, param: np.ndarray) -> None:
+    """A parameter must be a writable, C-contiguous float32 or float64 array."""
+    if not isinstance(param, np.ndarray):
+        raise TensorError(f"parameter {name!r} is not a numpy array", tensor=name)
+    if param.dtype not in FLOAT_DTYPES:
+        raise TensorError(
+            f"parameter {name!r} has dtype {param.dtype}; expected float32 or float64", tensor=name
+        )
+    if not param.flags.c_contiguous or not param.flags.writeable:
+        raise TensorError(f"parameter {name!r} must be a writable C-contiguous array", tensor=name)
+
+
+def check_grad(name: str, grad: np.ndarray, param: np.ndarray) -> None:
+    """A gradient must have the parameter's shape and a float dtype no wider than its dtype."""
+    if not isinstance(grad, np.ndarray):
+        raise TensorError(f"gradient {name!r} is not a numpy array", tensor=name)
+    if grad.shape != param.shape:
+        raise TensorError(
+            f"gradient {name!r} has shape {list(grad.shape)}; expected {list(param.shape)}",
+            tensor=name,
+        )
+    if grad.dtype.kind != "f" or not np.can_cast(grad.dtype, param.dtype, "safe"):
+        raise TensorError(
+            f"gradient {name!r} has dtype {grad.dtype}; expected {param.dtype} "
+            "or a narrower float dtype",
+            tensor=name,
+        )
+
+
+class Optimizer(ABC, Generic[H, S]):
+    """An optimizer: hyperparameters plus the rule that steps one tensor in place.
+
+    Subclasses set :attr:`name`, :attr:`hparams_type`, :attr:`state_type` and implement
+    :meth:`init_tensor`, :meth:`_step` and, where an option adds arrays, :meth:`_complete`.
+    """
+
+    name: ClassVar[str]
+    hparams_type: ClassVar[type[Hyperparams]]
+    state_type: ClassVar[type[TensorState]]
+
+    def __init__(self, hparams: H | None = None, /, **options: Any) -> None:
+        if hparams is not None and options:
+            raise TypeError("pass either a Hyperparams instance or keyword options, not both")
+        if hparams is None:
+            hparams = self.hparams_type.from_mapping(options)  # type: ignore[assignment]
+        elif not isinstance(hparams, self.hparams_type):
+            raise TypeError(f"{self.name} takes {self.hparams_type.__name__}, got {hparams!r}")
+        self.hparams: H = hparams  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.hparams!r})"
+
+    # --- configuration -------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """``{"name": ..., **every hyperparameter}``: enough to build the same optimizer."""
+        return {"name": self.name, **self.hparams.to_dict()}
+
+    def with_options(self, changes: Mapping[str, Any]) -> Self:
+        """A copy with some hyperparameters changed (validated); existing state stays valid."""
+        return type(self)(self.hparams.replace(changes))
+
+    # --- per tensor ------------------------------------------------------------------------
+
+    @abstractmethod
+    def init_tensor(self, param: np.ndarray) -> S:
+        """Fresh state for one parameter (arrays zeroed, in the parameter's dtype)."""
+
+    def step_tensor(
+        self, param: np.ndarray, grad: np.ndarray, state: S, *, lr: float | None = None
+    ) -> None:
+        """One step of one tensor, in place. ``lr`` overrides the configured rate for this step."""
+        check_param("param", param)
+        check_grad("grad", grad, param)
+        self._apply(param, grad, state, self.hparams.lr if lr is None else lr)
+
+    def _apply(self, param: np.ndarray, grad: np.ndarray, state: S, lr: float) -> None:
+        self._complete(state, param)
+        state.step += 1
+        self._step(param, np.ascontiguousarray(grad, dtype=param.dtype), state, lr)
+
+    @abstractmethod
+    def _step(self, p: np.ndarray, g: np.ndarray, state: S, lr: float) -> None:
+        """Advance ``state`` (its step already counted) and ``p`` by ``g`` (cast to p's dtype)."""
+
+    def _complete(self, state: S, param: np.ndarray) -> None:
+        """Allocate arrays an option needs but the state lacks (an option changed mid-run)."""
+
+    def restore_tensor(
+        self, param: np.ndarray, *, step: int, arrays: Mapping[str, np.ndarray]
+    ) -> S:
+        """State rebuilt from exported arrays, validated against ``param``; arrays are copied."""
+        known = self.state_type.array_names()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TensorError(f"{self.name} state: step must be an integer >= 0, got {step!r}")
+        fields: dict[str, Any] = {"step": step}
+        for key, array in arrays.items():
+            if key not in known:
+                raise TensorError(
+                    f"{self.name} state: unknown array {key!r}; expected one of {', '.join(known)}"
+                )
+            if not isinstance(array, np.ndarray) or array.shape != param.shape:
+                shape = getattr(array, "shape", None)
+                raise TensorError(
+                    f"{self.name} state array {key!r} has shape {list(shape or [])}; "
+                    f"expected {list(param.shape)}"
+                )
+            if array.dtype != param.dtype:
+                raise TensorError(
+                    f"{self.name} state array {key!r} has dtype {array.dtype}; "
+                    f"expected {param.dtype}"
+                )
+            fields[key] = np.array(array, dtype=param.dtype, order="C", copy=True)
+        fresh = self.init_tensor(param)
+        for key in known:
+            # Required arrays may only be absent for a state that never stepped.
+            if key not in fields and getattr(fresh, key) is not None and step > 0:
+                raise TensorError(f"{self.name} state: array {key!r} is missing")
+            fields.setdefault(key, getattr(fresh, key))
+        return self.state_type(**fields)  # type: ignore[return-value]
+
+    # --- over named tensors (optax style) -------------------------------------------------
+
+    def init(self, params: Mapping[str, np.ndarray]) -> OptState:
+        """Fresh state for every named parameter."""
+        for name, param in params.items():
+            check_param(name, param)
+        return {name: self.init_tensor(param) for name, param in params.items()}
+
+    def update(
+        self,
+        grads: Mapping[str, np.ndarray],
+        state: OptState,
+        params: Mapping[str, np.ndarray],
+        *,
+        lr: float | None = None,
+    ) -> None:
+        """Step the parameters named in ``grads`` in place, advancing their state.
+
+        Every tensor is checked before any is touched, so a bad gradient changes nothing.
+        """
+        if lr is not None:
+            self.check_lr(lr)
+        for name, grad in grads.items():
+            if name not in params:
+                raise TensorError(f"gradient {name!r} names no parameter", tensor=name)
+            if name not in state:
+                raise TensorError(f"parameter {name!r} has no optimizer state", tensor=name)
+            check_param(name, params[name])
+            check_grad(name, grad, params[name])
+            if not isinstance(state[name], self.state_type):
+                raise TensorError(f"state of {name!r} is not {self.name} state", tensor=name)
+        rate = self.hparams.lr if lr is None else lr
+        for name, grad in grads.items():
+            self._apply(params[name], grad, state[name], rate)  # type: ignore[arg-type]
+
+    def check_lr(self, lr: float) -> None:
+        """Validate a per-step learning-rate override as strictly as the configured one."""
+        self.hparams.replace({"lr": lr})

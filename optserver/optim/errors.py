@@ -1,0 +1,27 @@
+"""Exceptions of the optimizer core.
+
+Every message names the offending option, tensor or value, so that the service can pass it on
+unchanged as the ``detail`` of a problem+json answer.
+"""
+
+from __future__ import annotations
+
+
+class OptimError(ValueError):
+    """Base class of everything the optimizer core raises for bad input."""
+
+
+class HyperparameterError(OptimError):
+    """An optimizer name or hyperparameter is unknown, of the wrong type or out of range."""
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class TensorError(OptimError):
+    """A parameter, gradient or state array does not fit (name, shape, dtype, layout)."""
+
+    def __init__(self, message: str, *, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor

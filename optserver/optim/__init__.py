@@ -17,11 +17,25 @@ from optserver.optim.hparams import Hyperparams
 from optserver.optim.kernels import configure_threads
 from optserver.optim.registry import OPTIMIZERS, create
 from optserver.optim.rmsprop import RMSprop, RMSpropHyperparams, RMSpropState
+from optserver.optim.schedules import (
+    SCHEDULES,
+    ConstantFactorSchedule,
+    ConstantSchedule,
+    CosineSchedule,
+    ExponentialSchedule,
+    LinearSchedule,
+    MultiStepSchedule,
+    Schedule,
+    StepSchedule,
+    WarmupCosineSchedule,
+    create_schedule,
+)
 from optserver.optim.sgd import SGD, SGDHyperparams, SGDState
 
 __all__ = [
     "FLOAT_DTYPES",
     "OPTIMIZERS",
+    "SCHEDULES",
     "SGD",
     "Adagrad",
     "AdagradHyperparams",
@@ -31,8 +45,14 @@ __all__ = [
     "AdamState",
     "AdamW",
     "AdamWHyperparams",
+    "ConstantFactorSchedule",
+    "ConstantSchedule",
+    "CosineSchedule",
+    "ExponentialSchedule",
     "HyperparameterError",
     "Hyperparams",
+    "LinearSchedule",
+    "MultiStepSchedule",
     "OptState",
     "OptimError",
     "Optimizer",
@@ -41,8 +61,12 @@ __all__ = [
     "RMSpropState",
     "SGDHyperparams",
     "SGDState",
+    "Schedule",
+    "StepSchedule",
     "TensorError",
     "TensorState",
+    "WarmupCosineSchedule",
     "configure_threads",
     "create",
+    "create_schedule",
 ]

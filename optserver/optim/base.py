@@ -141,7 +141,7 @@ class Optimizer(ABC, Generic[H, S]):
     def _apply(self, param: np.ndarray, grad: np.ndarray, state: S, lr: float) -> None:
         self._complete(state, param)
         state.step += 1
-        self._step(param, np.ascontiguousarray(grad, dtype=param.dtype), state, lr)
+        self._step(param, np.asarray(grad, dtype=param.dtype, order="C"), state, lr)
 
     @abstractmethod
     def _step(self, p: np.ndarray, g: np.ndarray, state: S, lr: float) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "adagrad",
     "adam",
     "configure_threads",
+    "count_nonfinite",
     "lerp_coefficients",
     "rmsprop",
     "run",
@@ -147,6 +148,23 @@ def adam(*, amsgrad: bool, decay: bool) -> Kernel:
             p[i] = pi + (neg_step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
 
     return kernel
+
+
+@_jit
+def _count_nonfinite(a):
+    count = 0
+    for i in range(a.shape[0]):
+        if not np.isfinite(a[i]):
+            count += 1
+    return count
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+    """How many elements are NaN or Inf: one pass, no temporary array."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype == np.float16:
+        return int(np.count_nonzero(~np.isfinite(flat)))  # rare path: numba lacks float16 here
+    return int(_count_nonfinite(flat))
 
 
 # Below this many elements per part, splitting costs more than it saves.

@@ -1,0 +1,3 @@
+from optserver.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""Request bodies to tensors and pushes, tensors to response bodies, in either encoding."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from optserver.api.http import MEDIA, Format
+from optserver.api.schemas import ParamsRequest, StepRequest, parse_json
+from optserver.config import Settings
+from optserver.errors import BadRequest, InvalidTensor, LimitExceeded, UnprocessableContent
+from optserver.store import Push, Reply, Responder, Session
+from optserver.wire import (
+    Limits,
+    decode_json_tensor,
+    decode_safetensors,
+    encode_json,
+    encode_safetensors,
+    json_tensors,
+)
+
+__all__ = [
+    "decode_params",
+    "decode_push",
+    "decode_tensors_json",
+    "limits",
+    "responder",
+    "tensors_reply",
+]
+
+PARAMS_PREFIX = "params/"
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(
+        max_tensors=settings.max_tensors_per_session,
+        max_elements=settings.max_tensor_elements,
+        max_depth=settings.max_json_depth,
+    )
+
+
+def decode_tensors_json(
+    values: Mapping[str, Any], dtype_of: Callable[[str], np.dtype[Any]], limits: Limits
+) -> dict[str, np.ndarray]:
+    if len(values) > limits.max_tensors:
+        raise LimitExceeded(
+            f"{len(values)} tensors in one request; the limit is {limits.max_tensors}",
+            slug="too-many-tensors",
+        )
+    return {n: decode_json_tensor(n, v, dtype_of(n), limits) for n, v in values.items()}
+
+
+def _dtype_of(session: Session, default: str | None) -> Callable[[str], np.dtype[Any]]:
+    fallback = np.dtype(default or "float32")
+
+    def dtype(name: str) -> np.dtype[Any]:
+        current = session.params.get(name)
+        return current.dtype if current is not None else fallback
+
+    return dtype
+
+
+def decode_params(
+    body: bytearray, fmt: Format, session: Session, settings: Settings
+) -> dict[str, np.ndarray]:
+    """The tensors of a PUT params body."""
+    if fmt == "binary":
+        tensors, _ = decode_safetensors(body, limits(settings))
+        return tensors
+    request = parse_json(ParamsRequest, body)
+    return decode_tensors_json(request.params, _dtype_of(session, request.dtype), limits(settings))
+
+
+def _metadata_number(metadata: Mapping[str, str], key: str, kind: type) -> Any:
+    raw = metadata.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise UnprocessableContent(
+            f"__metadata__ {key!r} must be {'an integer' if kind is int else 'a number'}, "
+            f"got {raw!r}",
+            option=key,
+        ) from None
+    if kind is float and not math.isfinite(value):
+        raise UnprocessableContent(f"__metadata__ {key!r} must be finite, got {raw!r}", option=key)
+    if kind is int and value < 0:
+        raise UnprocessableContent(f"__metadata__ {key!r} must be >= 0, got {raw!r}", option=key)
+    return value
+
+
+def decode_push(body: bytearray, fmt: Format, session: Session, settings: Settings) -> Push:
+    """A step body: gradients, optional current weights and the scalar options."""
+    lim = limits(settings)
+    if fmt == "binary":
+        tensors, metadata = decode_safetensors(body, lim)
+        grads = {n: t for n, t in tensors.items() if not n.startswith(PARAMS_PREFIX)}
+        params = {
+            n[len(PARAMS_PREFIX) :]: t for n, t in tensors.items() if n.startswith(PARAMS_PREFIX)
+        }
+        worker = metadata.get("worker") or None
+        if worker is not None and len(worker) > 256:
+            raise UnprocessableContent("__metadata__ 'worker' is longer than 256 characters")
+        return Push(
+            grads=grads,
+            params={k: _as_param(k, v) for k, v in params.items()},
+            lr=_metadata_number(metadata, "lr", float),
+            base_version=_metadata_number(metadata, "base_version", int),
+            worker=worker,
+        )
+    request = parse_json(StepRequest, body)
+    if request.lr is not None and not math.isfinite(request.lr):
+        raise UnprocessableContent(f"lr must be finite, got {request.lr!r}", option="lr")
+    dtype_of = _dtype_of(session, request.dtype)
+    return Push(
+        grads=decode_tensors_json(request.grads, dtype_of, lim),
+        params=decode_tensors_json(request.params or {}, dtype_of, lim),
+        lr=request.lr,
+        base_version=request.base_version,
+        worker=request.worker,
+    )
+
+
+def _as_param(name: str, value: np.ndarray) -> np.ndarray:
+    if value.dtype.kind != "f":
+        raise InvalidTensor(f"weights {name!r} must be floats, got {value.dtype}", tensor=name)
+    return value
+
+
+def responder(fmt: Format, *, tensors: bool) -> Responder:
+    """Encodes the answer to a step: version, applied, and (unless ``tensors`` is False) weights."""
+
+    def respond(version: int, applied: bool, chosen: Mapping[str, np.ndarray]) -> Reply:
+        if fmt == "binary":
+            metadata = {"version": str(version), "applied": "true" if applied else "false"}
+            return Reply(encode_safetensors(chosen, metadata), MEDIA[fmt], version)
+        payload: dict[str, Any] = {"version": version, "applied": applied}
+        if tensors:
+            payload["params"] = json_tensors(chosen)
+        return Reply(encode_json(payload), MEDIA[fmt], version)
+
+    return respond
+
+
+def tensors_reply(fmt: Format, version: int, tensors: Mapping[str, np.ndarray]) -> Reply:
+    """Weights and version (GET params)."""
+    if fmt == "binary":
+        return Reply(encode_safetensors(tensors, {"version": str(version)}), MEDIA[fmt], version)
+    return Reply(
+        encode_json({"version": version, "params": json_tensors(tensors)}), MEDIA[fmt], version
+    )
+
+
+def check_no_body_tensors(body: bytearray) -> None:
+    if body:
+        raise BadRequest("this route takes no body")

@@ -1,0 +1,63 @@
+"""Dependencies of the routes, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from optserver.api.http import Turnstiles
+from optserver.config import Settings
+from optserver.metrics import Metrics
+from optserver.store import Session, SessionStore
+
+__all__ = ["AdminDep", "MetricsDep", "SessionDep", "SettingsDep", "StoreDep", "TurnstilesDep"]
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="The session's token, or the admin key when the server has one.",
+)
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _store(request: Request) -> SessionStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics  # type: ignore[no-any-return]
+
+
+def _turnstiles(request: Request) -> Turnstiles:
+    return request.app.state.turnstiles  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[SessionStore, Depends(_store)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+TurnstilesDep = Annotated[Turnstiles, Depends(_turnstiles)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _token(credentials: Credentials) -> str | None:
+    return None if credentials is None else credentials.credentials
+
+
+def _admin(store: StoreDep, credentials: Credentials) -> None:
+    store.check_admin(_token(credentials))
+
+
+def _session(
+    session_id: Annotated[str, Path(max_length=64, description="Session id.")],
+    store: StoreDep,
+    credentials: Credentials,
+) -> Session:
+    return store.open(session_id, _token(credentials))
+
+
+AdminDep = Depends(_admin)
+SessionDep = Annotated[Session, Depends(_session)]

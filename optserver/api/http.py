@@ -1,0 +1,141 @@
+"""HTTP plumbing shared by the routes: bounded body reading, content negotiation, responses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from optserver.api.schemas import BINARY, JSON
+from optserver.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+
+__all__ = [
+    "Format",
+    "RawResponse",
+    "Turnstiles",
+    "read_body",
+    "request_format",
+    "response_format",
+]
+
+Format = Literal["json", "binary"]
+MEDIA: dict[Format, str] = {"json": JSON, "binary": BINARY}
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest(f"invalid Content-Length {declared!r}") from None
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the body of {size} bytes exceeds the limit of {limit} bytes", limit=limit
+            )
+        body = bytearray(size)
+        position = 0
+        async for chunk in request.stream():
+            end = position + len(chunk)
+            if end > size:
+                raise BadRequest("the body is longer than its Content-Length")
+            body[position:end] = chunk
+            position = end
+        if position != size:
+            raise BadRequest(f"the body ended after {position} of {size} bytes")
+        return body
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes", limit=limit)
+    return body
+
+
+def request_format(request: Request, allowed: tuple[Format, ...] = ("json", "binary")) -> Format:
+    """Which encoding the body uses, from Content-Type (415 for anything else)."""
+    raw = request.headers.get("content-type", "")
+    media = raw.split(";", 1)[0].strip().lower()
+    for fmt in allowed:
+        if media == MEDIA[fmt]:
+            return fmt
+    wanted = " or ".join(MEDIA[f] for f in allowed)
+    raise UnsupportedMediaType(
+        f"Content-Type {raw or '(none)'!r} is not supported here; send {wanted}",
+        received=raw or None,
+    )
+
+
+def response_format(request: Request, allowed: tuple[Format, ...] = ("json", "binary")) -> Format:
+    """The encoding the client accepts best (Accept header, q-values; JSON by default)."""
+    header = request.headers.get("accept")
+    if not header:
+        return allowed[0]
+    best: tuple[float, int, Format] | None = None
+    for order, part in enumerate(header.split(",")):
+        fields = [f.strip() for f in part.split(";")]
+        media = fields[0].lower()
+        q = 1.0
+        for param in fields[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        candidates: list[Format]
+        if media in ("*/*", "application/*"):
+            candidates = [allowed[0]]
+        else:
+            candidates = [f for f in allowed if MEDIA[f] == media]
+        for fmt in candidates:
+            rank = (q, -order, fmt)
+            if best is None or rank[:2] > best[:2]:
+                best = rank
+    if best is None:
+        offered = ", ".join(MEDIA[f] for f in allowed)
+        raise NotAcceptable(f"Accept {header!r} matches nothing this route returns ({offered})")
+    return best[2]
+
+
+class RawResponse(Response):
+    """A response whose body is already encoded (bytes or a bytearray, sent without a copy)."""
+
+    def __init__(
+        self,
+        body: bytes | bytearray,
+        *,
+        media_type: str,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(b"", status_code=status_code, headers=headers, media_type=media_type)
+        self.body = body  # type: ignore[assignment]
+        self.headers["content-length"] = str(len(body))
+
+
+class Turnstiles:
+    """One FIFO lock per session: pushes are applied one at a time, in arrival order.
+
+    asyncio locks wake waiters in the order they queued; the step itself runs in a worker
+    thread while the lock is held, so the event loop stays free.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @asynccontextmanager
+    async def hold(self, session_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        async with lock:
+            yield
+
+    def forget(self, session_id: str) -> None:
+        self._locks.pop(session_id, None)

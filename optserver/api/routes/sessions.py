@@ -1,0 +1,110 @@
+"""Sessions: create, list, inspect, reconfigure, delete."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+
+from optserver.api.codec import decode_tensors_json, limits
+from optserver.api.deps import AdminDep, SessionDep, SettingsDep, StoreDep, TurnstilesDep
+from optserver.api.http import RawResponse, read_body, request_format
+from optserver.api.schemas import (
+    JSON,
+    CreateSessionRequest,
+    PatchSessionRequest,
+    SessionCreated,
+    SessionInfo,
+    SessionList,
+    parse_json,
+    request_body,
+    responses,
+)
+from optserver.store import KEEP
+from optserver.wire import encode_json
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+
+def _json(payload: object, status: int = 200, version: int | None = None) -> RawResponse:
+    headers = {"Optserver-Version": str(version)} if version is not None else None
+    return RawResponse(encode_json(payload), media_type=JSON, status_code=status, headers=headers)
+
+
+@router.post(
+    "",
+    status_code=201,
+    dependencies=[AdminDep],
+    summary="Create a session",
+    description="Creates a session with an optimizer, optionally a mode, a schedule and initial "
+    "weights. The answer carries the session's token, shown this once. Sessions may also start "
+    "empty: tensors then register on the first step that carries their weights.",
+    openapi_extra=request_body(CreateSessionRequest),
+    responses=responses(SessionCreated, status=201),
+)
+async def create_session(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+    request_format(request, ("json",))
+    body = await read_body(request, settings.max_body_bytes)
+    spec = parse_json(CreateSessionRequest, body)
+    dtype = np.dtype(spec.dtype)
+    params = decode_tensors_json(spec.params or {}, lambda _: dtype, limits(settings))
+    session, token = store.create(
+        optimizer=spec.optimizer,
+        name=spec.name,
+        mode=spec.mode,
+        schedule=spec.schedule,
+        nonfinite=spec.nonfinite or settings.nonfinite,
+        params=params,
+    )
+    return _json({**session.info(), "token": token}, 201, session.version)
+
+
+@router.get(
+    "",
+    dependencies=[AdminDep],
+    summary="List sessions",
+    responses=responses(SessionList),
+)
+async def list_sessions(store: StoreDep) -> Response:
+    return _json({"sessions": [s.info() for s in store.sessions()]})
+
+
+@router.get("/{session_id}", summary="Session info", responses=responses(SessionInfo))
+async def get_session(session: SessionDep) -> Response:
+    info = session.info()
+    return _json(info, version=info["version"])
+
+
+@router.patch(
+    "/{session_id}",
+    summary="Change hyperparameters, schedule, mode or NaN policy",
+    description="Only the fields present change; `schedule: null` removes the schedule. The "
+    "optimizer's name cannot change (its state would not carry over).",
+    openapi_extra=request_body(PatchSessionRequest),
+    responses=responses(SessionInfo),
+)
+async def patch_session(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    request_format(request, ("json",))
+    spec = parse_json(PatchSessionRequest, await read_body(request, settings.max_body_bytes))
+    fields = spec.model_fields_set
+    session.configure(
+        optimizer=spec.optimizer,
+        schedule=spec.schedule if "schedule" in fields else KEEP,
+        mode=spec.mode,
+        nonfinite=spec.nonfinite,
+    )
+    info = session.info()
+    return _json(info, version=info["version"])
+
+
+@router.delete(
+    "/{session_id}",
+    status_code=204,
+    summary="Delete a session",
+    responses=responses(None, status=204),
+)
+async def delete_session(
+    session: SessionDep, store: StoreDep, turnstiles: TurnstilesDep
+) -> Response:
+    store.delete(session.id)
+    turnstiles.forget(session.id)
+    return Response(status_code=204)

@@ -1,0 +1,145 @@
+"""Weights and steps: put and pull parameters, push gradients."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from optserver.api.codec import decode_params, decode_push, responder, tensors_reply
+from optserver.api.deps import MetricsDep, SessionDep, SettingsDep, TurnstilesDep
+from optserver.api.http import RawResponse, read_body, request_format, response_format
+from optserver.api.schemas import (
+    JSON,
+    ParamsRequest,
+    ParamsResponse,
+    PutParamsResponse,
+    StepRequest,
+    StepResponse,
+    request_body,
+    responses,
+)
+from optserver.errors import ProblemError
+from optserver.store import Reply
+from optserver.wire import encode_json
+
+router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["tensors"])
+
+#: Bodies above this are decoded in a worker thread (JSON parsing of big tensors is slow).
+INLINE_DECODE_BYTES = 256 << 10
+
+SAFETENSORS_PARAMS = "A safetensors document: tensors under their names."
+SAFETENSORS_STEP = (
+    "A safetensors document: gradients under the tensor names, current weights (optional) "
+    "under 'params/NAME', and 'lr', 'base_version', 'worker' as strings in __metadata__."
+)
+SAFETENSORS_WEIGHTS = "A safetensors document of the weights; __metadata__ carries 'version'."
+
+
+def _reply(reply: Reply) -> RawResponse:
+    headers = {"Optserver-Version": str(reply.version)}
+    if reply.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return RawResponse(reply.body, media_type=reply.media_type, headers=headers)
+
+
+@router.put(
+    "/params",
+    summary="Set or replace weights",
+    description="Tensors with the shape and dtype they had keep their optimizer state; new "
+    "names, or a new shape or dtype, start with fresh state. The version does not change.",
+    openapi_extra=request_body(ParamsRequest, SAFETENSORS_PARAMS),
+    responses=responses(PutParamsResponse),
+)
+async def put_params(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+    fmt = request_format(request)
+    body = await read_body(request, settings.max_body_bytes)
+    tensors = await run_in_threadpool(decode_params, body, fmt, session, settings)
+    await run_in_threadpool(session.put_params, tensors)
+    with session.locked():
+        payload = {"version": session.version, "params": session.tensor_info()}
+    return RawResponse(
+        encode_json(payload),
+        media_type=JSON,
+        headers={"Optserver-Version": str(payload["version"])},
+    )
+
+
+@router.get(
+    "/params",
+    summary="Pull weights",
+    responses=responses(ParamsResponse, SAFETENSORS_WEIGHTS),
+)
+async def get_params(
+    request: Request,
+    session: SessionDep,
+    names: Annotated[
+        str | None, Query(description="Comma-separated tensor names (default: all).")
+    ] = None,
+) -> Response:
+    fmt = response_format(request)
+    wanted = [n for n in names.split(",") if n] if names is not None else None
+
+    def encode() -> Reply:
+        with session.locked():
+            return tensors_reply(fmt, session.version, session.select(wanted))
+
+    return _reply(await run_in_threadpool(encode))
+
+
+@router.post(
+    "/step",
+    summary="Push gradients; get the new weights",
+    description="Applies one optimizer step (in async mode at once, in arrival order). "
+    "`return=stepped` (default) answers with the tensors named in the push, `all` with every "
+    "tensor, `none` with the version only. A retry that carries the `Idempotency-Key` of an "
+    "applied push gets the original answer (header `Idempotent-Replayed: true`) and nothing is "
+    "applied again; answers too large for the idempotency memory are re-encoded from the "
+    "current weights.",
+    openapi_extra=request_body(StepRequest, SAFETENSORS_STEP),
+    responses=responses(StepResponse, SAFETENSORS_WEIGHTS),
+)
+async def step(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    turnstiles: TurnstilesDep,
+    return_: Annotated[
+        Literal["stepped", "all", "none"], Query(alias="return", description="What comes back.")
+    ] = "stepped",
+    idempotency_key: Annotated[
+        str | None, Header(max_length=256, description="Makes retries safe.")
+    ] = None,
+) -> Response:
+    fmt_out = response_format(request)
+    metrics.pushes.inc()
+    try:
+        fmt_in = request_format(request)
+        body = await read_body(request, settings.max_body_bytes)
+        if len(body) > INLINE_DECODE_BYTES:
+            push = await run_in_threadpool(decode_push, body, fmt_in, session, settings)
+        else:
+            push = decode_push(body, fmt_in, session, settings)
+    except ProblemError as exc:
+        session.reject(exc.slug)
+        metrics.rejected.labels(exc.slug).inc()
+        raise
+    respond = responder(fmt_out, tensors=return_ != "none")
+    async with turnstiles.hold(session.id):
+        start = time.perf_counter()
+        try:
+            reply = await run_in_threadpool(
+                lambda: session.step(push, key=idempotency_key, respond=respond, names=return_)
+            )
+        except ProblemError as exc:
+            metrics.rejected.labels(exc.slug).inc()
+            raise
+        metrics.step_seconds.observe(time.perf_counter() - start)
+    if reply.replayed:
+        metrics.replays.inc()
+    else:
+        metrics.steps.inc()
+    return _reply(reply)

@@ -1,0 +1,246 @@
+"""JSON shapes of requests and responses: validation and the OpenAPI description.
+
+Bodies are read by the routes themselves (to enforce the size limit while streaming and to
+accept safetensors on the same route), then validated with these models; tensors inside them
+are validated by :mod:`optserver.wire`, not by pydantic, which would be far too slow for
+millions of numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+
+from optserver.config import NonFinitePolicy
+from optserver.errors import BadRequest, UnprocessableContent
+from optserver.modes import Mode
+
+__all__ = [
+    "BINARY",
+    "JSON",
+    "CreateSessionRequest",
+    "ParamsRequest",
+    "ParamsResponse",
+    "PatchSessionRequest",
+    "Problem",
+    "SessionCreated",
+    "SessionInfo",
+    "SessionList",
+    "StepRequest",
+    "StepResponse",
+    "TensorInfo",
+    "parse_json",
+    "request_body",
+]
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+
+Tensor = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "description": "A number (rank 0) or rectangular nested lists of numbers.",
+            "anyOf": [{"type": "number"}, {"type": "array", "items": {}}],
+        }
+    ),
+]
+Tensors = dict[str, Tensor]
+OptimizerConfig = Annotated[
+    str | dict[str, Any],
+    Field(
+        description="An optimizer name ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamw') or "
+        "{'name': ..., torch.optim hyperparameters...}.",
+        examples=["adam", {"name": "sgd", "lr": 0.1, "momentum": 0.9}],
+    ),
+]
+ScheduleConfig = Annotated[
+    dict[str, Any] | None,
+    Field(
+        description="A learning-rate schedule, e.g. {'name': 'step', 'step_size': 30, "
+        "'gamma': 0.1}; null for none.",
+    ),
+]
+DType = Literal["float32", "float64"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateSessionRequest(_Body):
+    name: str | None = Field(None, max_length=256)
+    optimizer: OptimizerConfig
+    mode: Mode | None = None
+    schedule: ScheduleConfig = None
+    params: Tensors | None = Field(None, description="Initial weights by name.")
+    dtype: DType = Field("float32", description="dtype of the JSON params.")
+    nonfinite: NonFinitePolicy | None = Field(
+        None, description="NaN/Inf gradients: reject (422), skip (acknowledge, apply nothing) "
+        "or allow. Default: the server's setting."
+    )  # fmt: skip
+
+
+class PatchSessionRequest(_Body):
+    optimizer: dict[str, Any] | None = Field(
+        None, description="Hyperparameters to change, e.g. {'lr': 0.01}."
+    )
+    schedule: ScheduleConfig = Field(None, description="A new schedule; null removes it.")
+    mode: Mode | None = None
+    nonfinite: NonFinitePolicy | None = None
+
+
+class ParamsRequest(_Body):
+    params: Tensors
+    dtype: DType | None = Field(
+        None, description="dtype of new tensors (default: that of the tensor replaced, or float32)."
+    )
+
+
+class StepRequest(_Body):
+    grads: Tensors = Field(description="Gradients by tensor name; a subset is fine.")
+    params: Tensors | None = Field(
+        None, description="Current weights the step applies to (registers unknown tensors)."
+    )
+    lr: float | None = Field(None, description="Learning rate for this step only.")
+    base_version: int | None = Field(
+        None, ge=0, description="The version the gradient was computed on."
+    )
+    worker: str | None = Field(None, max_length=256)
+    dtype: DType | None = Field(
+        None, description="dtype of new tensors registered by params (default float32)."
+    )
+
+
+class TensorInfo(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+    step: int = Field(description="Optimizer steps this tensor has taken.")
+
+
+class Counters(BaseModel):
+    steps_applied: int
+    pushes_received: int
+    pushes_rejected: int
+    rejected_by_reason: dict[str, int]
+
+
+class SessionInfo(BaseModel):
+    id: str
+    name: str
+    version: int = Field(description="Optimizer steps applied so far.")
+    optimizer: dict[str, Any]
+    mode: dict[str, Any]
+    schedule: dict[str, Any] | None
+    lr: float = Field(description="The learning rate the next step will use.")
+    nonfinite: NonFinitePolicy
+    params: list[TensorInfo]
+    counters: Counters
+    memory_bytes: int
+    created_at: float
+    updated_at: float
+
+
+class SessionCreated(SessionInfo):
+    token: str = Field(description="The session's bearer token; shown only once.")
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class ParamsResponse(BaseModel):
+    version: int
+    params: Tensors
+
+
+class PutParamsResponse(BaseModel):
+    version: int
+    params: list[TensorInfo]
+
+
+class StepResponse(BaseModel):
+    version: int
+    applied: bool = Field(description="False when the push was skipped (nonfinite policy).")
+    params: Tensors | None = Field(None, description="New weights (absent with return=none).")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_json(model: type[M], body: bytes | bytearray) -> M:
+    """Parse and validate a JSON body; problems name the field and what was wrong."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}", slug="malformed-json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise UnprocessableContent(
+            f"{where}: {first['msg']}"
+            + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+            errors=errors,
+        ) from None
+
+
+_BINARY_SCHEMA = {"type": "string", "format": "binary"}
+
+
+def request_body(model: type[BaseModel] | None, binary: str | None = None) -> dict[str, Any]:
+    """``openapi_extra`` describing a body the route reads itself (JSON and/or safetensors)."""
+    content: dict[str, Any] = {}
+    if model is not None:
+        content[JSON] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    if binary is not None:
+        content[BINARY] = {"schema": {**_BINARY_SCHEMA, "description": binary}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def responses(
+    model: type[BaseModel] | None, binary: str | None = None, status: int = 200
+) -> dict[int | str, dict[str, Any]]:
+    """``responses`` of a route: the success body (JSON and/or safetensors) and problems."""
+    content: dict[str, Any] = {}
+    if binary is not None:
+        content[BINARY] = {"schema": {**_BINARY_SCHEMA, "description": binary}}
+    success: dict[str, Any] = {"description": "Success"}
+    if model is not None:
+        success["model"] = model
+    if content:
+        success["content"] = content
+    problem = {
+        "model": Problem,
+        "content": {"application/problem+json": {}},
+        "description": "A problem (RFC 9457)",
+    }
+    out: dict[int | str, dict[str, Any]] = {status: success}
+    out["4XX"] = problem
+    out["5XX"] = {**problem}
+    return out
+
+
+#: Models referenced only from ``request_body``; the app adds them to the OpenAPI components.
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    CreateSessionRequest,
+    PatchSessionRequest,
+    ParamsRequest,
+    StepRequest,
+)

@@ -1,0 +1,155 @@
+"""The service's exception hierarchy; each maps to one RFC 9457 problem type.
+
+Everything a request can do wrong raises a subclass of :class:`ProblemError`. The HTTP layer turns
+it into ``application/problem+json`` with ``type``, ``title``, ``status``, ``detail`` and the
+exception's ``extra`` members (``tensor``, ``expected``, ``received``, ``current_version``, ...).
+The store raises these too: they carry an HTTP status, but nothing of FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadRequest",
+    "Conflict",
+    "Forbidden",
+    "InvalidTensor",
+    "LimitExceeded",
+    "NotAcceptable",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProblemError",
+    "ServiceUnavailable",
+    "StaleGradient",
+    "Unauthorized",
+    "UnprocessableContent",
+    "UnsupportedMediaType",
+    "problem_type",
+]
+
+PROBLEM_BASE = "urn:optserver:problem:"
+
+
+def problem_type(slug: str) -> str:
+    """The ``type`` URI of a problem: ``urn:optserver:problem:<slug>``."""
+    return PROBLEM_BASE + slug
+
+
+class ProblemError(Exception):
+    """Base of every error answered as problem+json."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal server error"
+
+    def __init__(self, detail: str, *, slug: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+        if slug is not None:
+            self.slug = slug  # type: ignore[misc]
+        self.headers: dict[str, str] = {}
+
+    @property
+    def type(self) -> str:
+        return problem_type(self.slug)
+
+    def to_problem(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+class BadRequest(ProblemError):
+    """Malformed body: not JSON, not safetensors, a header that does not add up."""
+
+    status = 400
+    slug = "malformed-body"
+    title = "Malformed request body"
+
+
+class UnprocessableContent(ProblemError):
+    """Well-formed, but the values are not acceptable (options, modes, names)."""
+
+    status = 422
+    slug = "invalid-request"
+    title = "Invalid request"
+
+
+class InvalidTensor(UnprocessableContent):
+    """A tensor does not fit: unknown name, shape or dtype mismatch, NaN/Inf, too large."""
+
+    slug = "invalid-tensor"
+    title = "Invalid tensor"
+
+
+class Unauthorized(ProblemError):
+    status = 401
+    slug = "unauthorized"
+    title = "Missing or wrong credentials"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.headers["WWW-Authenticate"] = 'Bearer realm="optserver"'
+
+
+class Forbidden(ProblemError):
+    status = 403
+    slug = "forbidden"
+    title = "Credentials do not open this resource"
+
+
+class NotFound(ProblemError):
+    status = 404
+    slug = "not-found"
+    title = "Not found"
+
+
+class NotAcceptable(ProblemError):
+    status = 406
+    slug = "not-acceptable"
+    title = "No acceptable response type"
+
+
+class Conflict(ProblemError):
+    status = 409
+    slug = "conflict"
+    title = "Conflict with the session's state"
+
+
+class StaleGradient(Conflict):
+    """ssp mode: the push was computed on weights too many versions old."""
+
+    slug = "stale-gradient"
+    title = "Stale gradient"
+
+
+class PayloadTooLarge(ProblemError):
+    status = 413
+    slug = "payload-too-large"
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(ProblemError):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported content type"
+
+
+class LimitExceeded(ProblemError):
+    """A configured quota (sessions, tensors, elements) would be exceeded."""
+
+    status = 429
+    slug = "limit-exceeded"
+    title = "Limit exceeded"
+
+
+class ServiceUnavailable(ProblemError):
+    status = 503
+    slug = "unavailable"
+    title = "Service unavailable"

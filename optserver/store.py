@@ -1,0 +1,565 @@
+"""Sessions and the store that holds them: tensors, optimizer state, versions, credentials.
+
+Thread-safe and synchronous; it knows nothing of HTTP frameworks. Every mutation of a session
+happens under its lock and is validated completely before anything changes, so a rejected
+request leaves weights, optimizer state and version exactly as they were. Errors are
+:mod:`optserver.errors` problems.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from optserver.config import NonFinitePolicy
+from optserver.errors import (
+    Conflict,
+    Forbidden,
+    InvalidTensor,
+    LimitExceeded,
+    NotFound,
+    ProblemError,
+    StaleGradient,
+    Unauthorized,
+    UnprocessableContent,
+)
+from optserver.modes import AsyncMode, Mode, SSPMode
+from optserver.optim import FLOAT_DTYPES, HyperparameterError, Optimizer, OptState, create
+from optserver.optim.kernels import count_nonfinite
+from optserver.optim.schedules import Schedule, create_schedule
+
+__all__ = ["KEEP", "Push", "Reply", "Session", "SessionStore", "StoreLimits"]
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+#: "Leave unchanged", where None is a meaningful value (no schedule).
+KEEP = _Keep.KEEP
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    max_sessions: int = 1000
+    max_tensors_per_session: int = 10_000
+    max_tensor_elements: int = 1 << 28
+    idempotency_keys: int = 256
+    idempotency_bytes: int = 64 << 20
+
+
+@dataclass
+class Push:
+    """One worker's gradient push, decoded."""
+
+    grads: dict[str, np.ndarray]
+    #: Current weights sent with the push (optimizer-as-a-service); unknown names register.
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    lr: float | None = None
+    base_version: int | None = None
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An encoded answer; kept for idempotent replays."""
+
+    body: bytes | bytearray
+    media_type: str
+    version: int
+    replayed: bool = False
+
+
+#: Builds the answer to a step from (version, applied, tensors); called under the lock so the
+#: tensors it encodes are exactly the weights of that version.
+Responder = Callable[[int, bool, Mapping[str, np.ndarray]], Reply]
+
+
+@dataclass
+class _Remembered:
+    reply: Reply | None  # None: too large to keep; replay re-encodes the named tensors
+    names: tuple[str, ...]
+    applied: bool
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Session:
+    """One training job: named tensors, one optimizer, per-tensor state, a version."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        optimizer: Optimizer[Any, Any],
+        schedule: Schedule | None,
+        mode: Mode,
+        nonfinite: NonFinitePolicy,
+        limits: StoreLimits,
+        token_digest: bytes,
+        id: str | None = None,
+    ) -> None:
+        self.id = id or uuid.uuid4().hex
+        self.name = name
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.mode: Mode = mode
+        self.nonfinite: NonFinitePolicy = nonfinite
+        self.limits = limits
+        self.token_digest = token_digest
+        self.params: dict[str, np.ndarray] = {}
+        self.state: OptState = {}
+        self.version = 0
+        self.steps_applied = 0
+        self.pushes_received = 0
+        self.rejected: Counter[str] = Counter()
+        self.created_at = self.updated_at = time.time()
+        self._lock = threading.RLock()
+        self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
+        self._remembered_bytes = 0
+
+    # --- reading -----------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[Session]:
+        """Hold the session still (e.g. while encoding its tensors)."""
+        with self._lock:
+            yield self
+
+    def select(self, names: list[str] | None) -> dict[str, np.ndarray]:
+        """Tensors by name (all when None), in the session's order; call under :meth:`locked`."""
+        if names is None:
+            return dict(self.params)
+        missing = [n for n in names if n not in self.params]
+        if missing:
+            raise InvalidTensor(
+                f"unknown tensor {missing[0]!r}; the session has {self._known()}",
+                slug="unknown-tensor",
+                tensor=missing[0],
+            )
+        return {n: self.params[n] for n in dict.fromkeys(names)}
+
+    def _known(self) -> str:
+        names = list(self.params)
+        if not names:
+            return "no tensors yet"
+        shown = ", ".join(repr(n) for n in names[:10])
+        return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+    @property
+    def base_lr(self) -> float:
+        return float(self.optimizer.hparams.lr)
+
+    def scheduled_lr(self) -> float:
+        """The learning rate the next step will use (without a per-push override)."""
+        if self.schedule is None:
+            return self.base_lr
+        return self.schedule.lr(self.base_lr, self.version)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params.values()) + sum(
+            s.nbytes for s in self.state.values()
+        )
+
+    def tensor_info(self) -> list[dict[str, Any]]:
+        return [
+            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype), "step": self.state[n].step}
+            for n, p in self.params.items()
+        ]
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "id": self.id,
+                "name": self.name,
+                "version": self.version,
+                "optimizer": self.optimizer.config(),
+                "mode": self.mode.model_dump(),
+                "schedule": None if self.schedule is None else self.schedule.config(),
+                "lr": self.scheduled_lr(),
+                "nonfinite": self.nonfinite,
+                "params": self.tensor_info(),
+                "counters": {
+                    "steps_applied": self.steps_applied,
+                    "pushes_received": self.pushes_received,
+                    "pushes_rejected": sum(self.rejected.values()),
+                    "rejected_by_reason": dict(self.rejected),
+                },
+                "memory_bytes": self.memory_bytes,
+                "created_at": self.created_at,
+                "updated_at": self.updated_at,
+            }
+
+    # --- changing ------------------------------------------------------------------------
+
+    def reject(self, reason: str) -> None:
+        """Count a push refused before it reached :meth:`step` (e.g. an undecodable body)."""
+        with self._lock:
+            self.pushes_received += 1
+            self.rejected[reason] += 1
+
+    def configure(
+        self,
+        *,
+        optimizer: Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | _Keep | None = KEEP,
+        mode: Mode | None = None,
+        nonfinite: NonFinitePolicy | None = None,
+    ) -> None:
+        """Change hyperparameters, schedule (None removes it), mode or NaN policy."""
+        with self._lock:
+            new_optimizer = self.optimizer
+            if optimizer is not None:
+                changes = dict(optimizer)
+                name = changes.pop("name", self.optimizer.name)
+                if name != self.optimizer.name:
+                    raise UnprocessableContent(
+                        f"cannot change the optimizer from {self.optimizer.name!r} to {name!r}: "
+                        "its state would not carry over; create a new session",
+                        option="name",
+                    )
+                new_optimizer = _hyper(lambda: self.optimizer.with_options(changes))
+            new_schedule = self.schedule
+            if not isinstance(schedule, _Keep):
+                new_schedule = _hyper(lambda: create_schedule(schedule))
+            self.optimizer, self.schedule = new_optimizer, new_schedule
+            if mode is not None:
+                self.mode = mode
+            if nonfinite is not None:
+                self.nonfinite = nonfinite
+            self.updated_at = time.time()
+
+    def put_params(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Set weights: same shape and dtype keep their optimizer state; a new shape or dtype,
+        or a new name, starts fresh state."""
+        with self._lock:
+            self._check_new_tensors(tensors, replace_shapes=True)
+            if self.nonfinite != "allow":
+                for name, value in tensors.items():
+                    if count_nonfinite(value):
+                        raise InvalidTensor(
+                            f"weights {name!r} hold NaN or Inf values (nonfinite policy "
+                            f"{self.nonfinite!r})",
+                            slug="nonfinite",
+                            tensor=name,
+                        )
+            for name, value in tensors.items():
+                current = self.params.get(name)
+                if (
+                    current is not None
+                    and current.shape == value.shape
+                    and (current.dtype == value.dtype)
+                ):
+                    np.copyto(current, value)
+                else:
+                    self._register(name, value)
+            self.updated_at = time.time()
+
+    def _register(self, name: str, value: np.ndarray) -> None:
+        param = np.array(value, dtype=_param_dtype(value.dtype), order="C", copy=True)
+        self.params[name] = param
+        self.state[name] = self.optimizer.init_tensor(param)
+
+    def _check_new_tensors(
+        self, tensors: Mapping[str, np.ndarray], *, replace_shapes: bool
+    ) -> None:
+        new = [n for n in tensors if n not in self.params]
+        if len(self.params) + len(new) > self.limits.max_tensors_per_session:
+            raise LimitExceeded(
+                f"session would hold {len(self.params) + len(new)} tensors; the limit is "
+                f"{self.limits.max_tensors_per_session}",
+                slug="too-many-tensors",
+            )
+        for name, value in tensors.items():
+            if value.dtype.kind != "f":
+                raise InvalidTensor(
+                    f"tensor {name!r} has dtype {value.dtype}; parameters are float32 or float64",
+                    tensor=name,
+                    received=str(value.dtype),
+                )
+            if value.size > self.limits.max_tensor_elements:
+                raise InvalidTensor(
+                    f"tensor {name!r} has {value.size} elements; the limit is "
+                    f"{self.limits.max_tensor_elements}",
+                    slug="tensor-too-large",
+                    tensor=name,
+                )
+            current = self.params.get(name)
+            if current is not None and not replace_shapes:
+                _check_same(name, "weights", value, current, exact_dtype=False)
+
+    def _check_finite(self, name: str, value: np.ndarray, what: str) -> bool:
+        """False if the push should be skipped; raises under the reject policy."""
+        if self.nonfinite == "allow":
+            return True
+        bad = count_nonfinite(value)
+        if not bad:
+            return True
+        if self.nonfinite == "skip":
+            return False
+        raise InvalidTensor(
+            f"{what} {name!r} holds {bad} NaN or Inf value{'s' if bad > 1 else ''} "
+            "(this session's nonfinite policy is 'reject')",
+            slug="nonfinite",
+            tensor=name,
+        )
+
+    def step(self, push: Push, *, key: str | None, respond: Responder, names: str) -> Reply:
+        """Apply one push (or replay the answer to an earlier push with the same key).
+
+        ``names``: which tensors the answer carries: ``stepped``, ``all`` or ``none``.
+        """
+        with self._lock:
+            if key is not None and key in self._remembered:
+                return self._replay(key, respond)
+            self.pushes_received += 1
+            try:
+                lr, apply = self._validate(push)
+            except ProblemError as exc:
+                self.rejected[exc.slug] += 1
+                raise
+            if apply:
+                for name, value in push.params.items():
+                    if name in self.params:
+                        np.copyto(self.params[name], value)
+                    else:
+                        self._register(name, value)
+                self.optimizer.update(push.grads, self.state, self.params, lr=lr)
+                self.version += 1
+                self.steps_applied += 1
+                self.updated_at = time.time()
+            else:
+                self.rejected["nonfinite-skipped"] += 1
+            chosen = {"stepped": list(push.grads), "all": list(self.params), "none": []}[names]
+            reply = respond(self.version, apply, {n: self.params[n] for n in chosen})
+            if key is not None:
+                self._remember(key, reply, tuple(chosen), apply)
+            return reply
+
+    def _validate(self, push: Push) -> tuple[float | None, bool]:
+        if not push.grads:
+            raise InvalidTensor("the push carries no gradients", slug="no-gradients")
+        if isinstance(self.mode, SSPMode) and push.base_version is not None:
+            staleness = self.version - push.base_version
+            if staleness > self.mode.max_staleness:
+                raise StaleGradient(
+                    f"gradient computed on version {push.base_version} is {staleness} steps "
+                    f"behind version {self.version}; max_staleness is "
+                    f"{self.mode.max_staleness}: pull and retry",
+                    current_version=self.version,
+                    base_version=push.base_version,
+                )
+        if push.base_version is not None and push.base_version > self.version:
+            raise Conflict(
+                f"base_version {push.base_version} is ahead of the session's version "
+                f"{self.version}",
+                slug="future-version",
+                current_version=self.version,
+            )
+        lr = None
+        if push.lr is not None:
+            _hyper(lambda: self.optimizer.check_lr(push.lr))  # type: ignore[arg-type]
+            lr = push.lr
+        elif self.schedule is not None:
+            lr = self.scheduled_lr()
+        extra = [n for n in push.params if n not in push.grads]
+        if extra:
+            raise InvalidTensor(
+                f"weights {extra[0]!r} were sent without a gradient", tensor=extra[0]
+            )
+        self._check_new_tensors(push.params, replace_shapes=False)
+        apply = all(self._check_finite(n, v, "weights") for n, v in push.params.items())
+        for name, grad in push.grads.items():
+            param = push.params.get(name, self.params.get(name))
+            if param is None:
+                raise InvalidTensor(
+                    f"gradient {name!r} names no tensor; the session has {self._known()} "
+                    "(send its weights as params to register it)",
+                    slug="unknown-tensor",
+                    tensor=name,
+                )
+            _check_same(name, "gradient", grad, param, exact_dtype=False)
+            apply = self._check_finite(name, grad, "gradient") and apply
+        return lr, apply
+
+    def _replay(self, key: str, respond: Responder) -> Reply:
+        memo = self._remembered[key]
+        self._remembered.move_to_end(key)
+        if memo.reply is not None:
+            reply = memo.reply
+        else:
+            present = [n for n in memo.names if n in self.params]
+            reply = respond(self.version, memo.applied, {n: self.params[n] for n in present})
+        return Reply(reply.body, reply.media_type, reply.version, replayed=True)
+
+    def _remember(self, key: str, reply: Reply, names: tuple[str, ...], applied: bool) -> None:
+        if self.limits.idempotency_keys <= 0:
+            return
+        keep = len(reply.body) <= self.limits.idempotency_bytes // 4
+        memo = _Remembered(reply if keep else None, names, applied)
+        self._remembered[key] = memo
+        self._remembered_bytes += len(reply.body) if keep else 0
+        while len(self._remembered) > self.limits.idempotency_keys or (
+            self._remembered_bytes > self.limits.idempotency_bytes
+        ):
+            _, old = self._remembered.popitem(last=False)
+            if old.reply is not None:
+                self._remembered_bytes -= len(old.reply.body)
+
+    def authorize(self, token: str | None, admin_key: str | None) -> None:
+        """Raise unless ``token`` is this session's token or the admin key."""
+        if token is None:
+            raise Unauthorized("this route needs 'Authorization: Bearer <session token>'")
+        if admin_key is not None and hmac.compare_digest(token.encode(), admin_key.encode()):
+            return
+        if not hmac.compare_digest(_digest(token), self.token_digest):
+            raise Unauthorized(f"the token does not open session {self.id}")
+
+
+def _check_same(
+    name: str, what: str, value: np.ndarray, param: np.ndarray, *, exact_dtype: bool
+) -> None:
+    if value.shape != param.shape:
+        raise InvalidTensor(
+            f"{what} {name!r} has shape {list(value.shape)}; expected {list(param.shape)}",
+            slug="shape-mismatch",
+            tensor=name,
+            expected=list(param.shape),
+            received=list(value.shape),
+        )
+    target = _param_dtype(param.dtype)
+    ok = value.dtype == target if exact_dtype else np.can_cast(value.dtype, target, "safe")
+    if value.dtype.kind != "f" or not ok:
+        raise InvalidTensor(
+            f"{what} {name!r} has dtype {value.dtype}; expected {target}"
+            + (" (or float16)" if target == np.float32 else " (or float32, float16)"),
+            slug="dtype-mismatch",
+            tensor=name,
+            expected=str(target),
+            received=str(value.dtype),
+        )
+
+
+def _param_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """Parameters are float32 or float64; float16 weights are stored as float32."""
+    dtype = np.dtype(dtype).newbyteorder("=")
+    return dtype if dtype in FLOAT_DTYPES else np.dtype(np.float32)
+
+
+def _hyper(build: Callable[[], Any]) -> Any:
+    """Run a hyperparameter-validating call; its errors become 422 problems."""
+    try:
+        return build()
+    except HyperparameterError as exc:
+        raise UnprocessableContent(
+            str(exc), slug="invalid-hyperparameter", option=exc.option
+        ) from None
+
+
+class SessionStore:
+    """All sessions of a server, with their credentials."""
+
+    def __init__(self, limits: StoreLimits | None = None, admin_key: str | None = None) -> None:
+        self.limits = limits or StoreLimits()
+        self.admin_key = admin_key
+        self._sessions: dict[str, Session] = {}
+        self._owners: dict[bytes, str] = {}  # token digest -> session id, to answer 403
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def create(
+        self,
+        *,
+        optimizer: str | Mapping[str, Any],
+        name: str | None = None,
+        mode: Mode | None = None,
+        schedule: Mapping[str, Any] | str | None = None,
+        nonfinite: NonFinitePolicy = "reject",
+        params: Mapping[str, np.ndarray] | None = None,
+        id: str | None = None,
+    ) -> tuple[Session, str]:
+        """A new session and its token (the only time the token is seen in clear)."""
+        token = secrets.token_urlsafe(32)
+        session = Session(
+            name=name or "",
+            optimizer=_hyper(lambda: create(optimizer)),
+            schedule=_hyper(lambda: create_schedule(schedule)),
+            mode=mode or AsyncMode(),
+            nonfinite=nonfinite,
+            limits=self.limits,
+            token_digest=_digest(token),
+            id=id,
+        )
+        if params:
+            session.put_params(params)
+        self.add(session)
+        return session, token
+
+    def add(self, session: Session) -> None:
+        with self._lock:
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise LimitExceeded(
+                    f"the server holds {len(self._sessions)} sessions, its limit; delete one first",
+                    slug="too-many-sessions",
+                )
+            if session.id in self._sessions:
+                raise Conflict(f"session {session.id} exists already")
+            self._sessions[session.id] = session
+            self._owners[session.token_digest] = session.id
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r}", slug="unknown-session")
+        return session
+
+    def open(self, session_id: str, token: str | None) -> Session:
+        """The session, if ``token`` opens it (401 wrong or missing, 403 another's token)."""
+        session = self.get(session_id)
+        try:
+            session.authorize(token, self.admin_key)
+        except Unauthorized:
+            owner = self._owners.get(_digest(token)) if token is not None else None
+            if owner is not None:
+                raise Forbidden(
+                    f"this token belongs to another session, not to {session_id}"
+                ) from None
+            raise
+        return session
+
+    def check_admin(self, token: str | None) -> None:
+        """Raise unless the admin key is configured-off or presented."""
+        if self.admin_key is None:
+            return
+        if token is None:
+            raise Unauthorized("this route needs 'Authorization: Bearer <admin key>'")
+        if not hmac.compare_digest(token.encode(), self.admin_key.encode()):
+            raise Unauthorized("the token is not the admin key")
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                raise NotFound(f"no session {session_id!r}", slug="unknown-session")
+            self._owners.pop(session.token_digest, None)

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.live import LiveServer, live_server
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    """A server with default settings and no admin key."""
+    with live_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def admin_server() -> Iterator[LiveServer]:
+    """A server with an admin key and small limits."""
+    with live_server(
+        admin_key="admin-secret-key",
+        max_body_bytes=1 << 20,
+        max_sessions=50,
+        max_tensors_per_session=8,
+        max_tensor_elements=100_000,
+        max_json_depth=4,
+    ) as s:
+        yield s

@@ -14,8 +14,8 @@ PIP := $(BIN)/python -m pip
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
-	$(PIP) install --quiet -e '.[test]'
+$(VENV)/.installed: $(BIN)/python pyproject.toml client/pyproject.toml Makefile
+	$(PIP) install --quiet -e ./client -e '.[test]'
 	$(PIP) install --quiet '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	touch $@
 

@@ -39,6 +39,7 @@ from optserver.modes import AsyncMode, Mode, SSPMode
 from optserver.optim import FLOAT_DTYPES, HyperparameterError, Optimizer, OptState, create
 from optserver.optim.kernels import count_nonfinite
 from optserver.optim.schedules import Schedule, create_schedule
+from optserver.wire import Buffer
 
 __all__ = ["KEEP", "Push", "Reply", "Session", "SessionStore", "StoreLimits"]
 
@@ -76,7 +77,7 @@ class Push:
 class Reply:
     """An encoded answer; kept for idempotent replays."""
 
-    body: bytes | bytearray
+    body: Buffer
     media_type: str
     version: int
     replayed: bool = False

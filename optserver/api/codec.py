@@ -11,9 +11,10 @@ import numpy as np
 from optserver.api.http import MEDIA, Format
 from optserver.api.schemas import ParamsRequest, StepRequest, parse_json
 from optserver.config import Settings
-from optserver.errors import BadRequest, InvalidTensor, LimitExceeded, UnprocessableContent
+from optserver.errors import InvalidTensor, LimitExceeded, UnprocessableContent
 from optserver.store import Push, Reply, Responder, Session
 from optserver.wire import (
+    Buffer,
     Limits,
     decode_json_tensor,
     decode_safetensors,
@@ -64,7 +65,7 @@ def _dtype_of(session: Session, default: str | None) -> Callable[[str], np.dtype
 
 
 def decode_params(
-    body: bytearray, fmt: Format, session: Session, settings: Settings
+    body: Buffer, fmt: Format, session: Session, settings: Settings
 ) -> dict[str, np.ndarray]:
     """The tensors of a PUT params body."""
     if fmt == "binary":
@@ -93,7 +94,7 @@ def _metadata_number(metadata: Mapping[str, str], key: str, kind: type) -> Any:
     return value
 
 
-def decode_push(body: bytearray, fmt: Format, session: Session, settings: Settings) -> Push:
+def decode_push(body: Buffer, fmt: Format, session: Session, settings: Settings) -> Push:
     """A step body: gradients, optional current weights and the scalar options."""
     lim = limits(settings)
     if fmt == "binary":
@@ -153,8 +154,3 @@ def tensors_reply(fmt: Format, version: int, tensors: Mapping[str, np.ndarray]) 
     return Reply(
         encode_json({"version": version, "params": json_tensors(tensors)}), MEDIA[fmt], version
     )
-
-
-def check_no_body_tensors(body: bytearray) -> None:
-    if body:
-        raise BadRequest("this route takes no body")

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from optserver.api.schemas import BINARY, JSON
 from optserver.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from optserver.wire import Buffer, allocate
 
 __all__ = [
     "Format",
@@ -26,7 +27,7 @@ Format = Literal["json", "binary"]
 MEDIA: dict[Format, str] = {"json": JSON, "binary": BINARY}
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
+async def read_body(request: Request, limit: int) -> Buffer:
     """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -38,7 +39,7 @@ async def read_body(request: Request, limit: int) -> bytearray:
             raise PayloadTooLarge(
                 f"the body of {size} bytes exceeds the limit of {limit} bytes", limit=limit
             )
-        body = bytearray(size)
+        body = allocate(size)
         position = 0
         async for chunk in request.stream():
             end = position + len(chunk)
@@ -49,12 +50,12 @@ async def read_body(request: Request, limit: int) -> bytearray:
         if position != size:
             raise BadRequest(f"the body ended after {position} of {size} bytes")
         return body
-    body = bytearray()
+    grown = bytearray()
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        grown += chunk
+        if len(grown) > limit:
             raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes", limit=limit)
-    return body
+    return grown
 
 
 def request_format(request: Request, allowed: tuple[Format, ...] = ("json", "binary")) -> Format:
@@ -106,11 +107,11 @@ def response_format(request: Request, allowed: tuple[Format, ...] = ("json", "bi
 
 
 class RawResponse(Response):
-    """A response whose body is already encoded (bytes or a bytearray, sent without a copy)."""
+    """A response whose body is already encoded (any bytes-like object, sent without a copy)."""
 
     def __init__(
         self,
-        body: bytes | bytearray,
+        body: Buffer,
         *,
         media_type: str,
         status_code: int = 200,

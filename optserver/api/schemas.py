@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from optserver.config import NonFinitePolicy
 from optserver.errors import BadRequest, UnprocessableContent
 from optserver.modes import Mode
+from optserver.wire import Buffer
 
 __all__ = [
     "BINARY",
@@ -182,7 +183,7 @@ class Problem(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_json(model: type[M], body: bytes | bytearray) -> M:
+def parse_json(model: type[M], body: Buffer) -> M:
     """Parse and validate a JSON body; problems name the field and what was wrong."""
     try:
         data = orjson.loads(body)

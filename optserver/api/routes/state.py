@@ -12,7 +12,7 @@ from optserver.api.deps import AdminDep, SessionDep, SettingsDep, StoreDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
 from optserver.api.schemas import BINARY, JSON, SessionCreated, request_body, responses
 from optserver.snapshot import export_session, import_session
-from optserver.wire import decode_safetensors, encode_json, encode_safetensors
+from optserver.wire import Buffer, decode_safetensors, encode_json, encode_safetensors
 
 router = APIRouter(prefix="/v1/sessions", tags=["state"])
 
@@ -30,7 +30,7 @@ EXPORT = (
 async def export_state(request: Request, session: SessionDep) -> Response:
     response_format(request, ("binary",))
 
-    def encode() -> tuple[bytearray, int]:
+    def encode() -> tuple[Buffer, int]:
         with session.locked():
             tensors, metadata = export_session(session)
             return encode_safetensors(tensors, metadata), session.version

@@ -1,0 +1,311 @@
+"""The synchronous client: :class:`Client` and :class:`Session`, over :class:`httpx.Client`."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
+
+import httpx
+
+from optserver_client._codec import Array, TensorLike
+from optserver_client._protocol import (
+    UNSET,
+    BodyReader,
+    Call,
+    ClientCore,
+    Reply,
+    SessionCore,
+    Tensors,
+    Unset,
+)
+from optserver_client._retry import RetryPolicy
+
+__all__ = ["Client", "ClientOptions", "Session"]
+
+T = TypeVar("T")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`Client` (for :meth:`Session.attach`)."""
+
+    admin_key: str | None
+    timeout: float | httpx.Timeout
+    retries: int
+    backoff: float
+    binary: bool
+    transport: httpx.BaseTransport | None
+
+
+class Client:
+    """A connection to an optserver: creates, lists and imports sessions.
+
+    ``binary=True`` sends and receives tensors as safetensors (the default; JSON otherwise).
+    ``retries`` and ``backoff`` set the retry policy (see the package documentation);
+    ``transport`` replaces the network, e.g. with :class:`httpx.MockTransport` in tests.
+    The client is thread-safe and pools connections; close it, or use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        admin_key: str | None = None,
+        timeout: float | httpx.Timeout = 60.0,
+        retries: int = 5,
+        backoff: float = 0.1,
+        binary: bool = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._core = ClientCore(binary=binary, admin_key=admin_key)
+        self._policy = RetryPolicy(retries, backoff)
+        self._http = httpx.Client(base_url=url, timeout=timeout, transport=transport)
+
+    @property
+    def url(self) -> str:
+        return str(self._http.base_url)
+
+    @property
+    def binary(self) -> bool:
+        return self._core.binary
+
+    def create_session(
+        self,
+        params: Tensors | None = None,
+        optimizer: str | Mapping[str, Any] = "adam",
+        *,
+        mode: str | Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        nonfinite: str | None = None,
+        dtype: str | None = "float32",
+    ) -> Session:
+        """Create a session, with initial weights ``params`` cast to ``dtype`` (None: keep each
+        array's float32/float64 dtype). In binary mode the weights follow in a PUT; if that
+        fails, the new session is deleted again."""
+        plan = self._core.create_session(
+            params,
+            optimizer,
+            mode=mode,
+            schedule=schedule,
+            name=name,
+            nonfinite=nonfinite,
+            dtype=dtype,
+        )
+        core = self._request(plan.create)
+        if plan.upload:
+            try:
+                self._request(core.set_params(plan.upload))
+            except Exception:
+                with contextlib.suppress(Exception):
+                    self._request(core.delete())
+                raise
+        return Session(self, core)
+
+    def session(self, id: str, token: str | None = None) -> Session:
+        """A handle on an existing session; without ``token``, the admin key opens it."""
+        return Session(self, self._core.session(id, token))
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        return self._request(self._core.list_sessions())
+
+    def import_state(
+        self, data: bytes | bytearray | memoryview, *, name: str | None = None
+    ) -> Session:
+        """A new session resuming from :meth:`Session.export_state`'s document."""
+        return Session(self, self._request(self._core.import_state(data, name)))
+
+    def health(self) -> dict[str, Any]:
+        return self._request(self._core.health())
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r}, binary={self.binary})"
+
+    def _request(self, call: Call[T]) -> T:
+        """Send ``call``, retrying as its policy allows; its parsed result or an exception."""
+        attempts = self._policy.start(call.method, self.url.rstrip("/") + call.path, call.retry)
+        while True:
+            try:
+                reply = self._send(call)
+            except httpx.RequestError as error:
+                time.sleep(attempts.after_error(error))
+                continue
+            delay = attempts.after_status(reply.status, reply.headers.get("retry-after"))
+            if delay is None:
+                return call.finish(reply)
+            time.sleep(delay)
+
+    def _send(self, call: Call[Any]) -> Reply:
+        content, extra = call.request_content()
+        request = self._http.build_request(
+            call.method, call.path, params=call.params, headers={**call.headers, **extra},
+            content=content,
+        )  # fmt: skip
+        response = self._http.send(request, stream=True)
+        try:
+            reader = BodyReader(response.headers)
+            for chunk in response.iter_bytes():
+                reader.feed(chunk)
+        finally:
+            response.close()
+        return Reply(response.status_code, response.headers, reader.body())
+
+
+class Session:
+    """One training session on the server: push gradients, pull weights, manage the session.
+
+    ``version`` is the last session version a response showed. Arrays returned are writable
+    numpy arrays; in binary mode they are views of the response body, which nothing else holds.
+    """
+
+    def __init__(self, client: Client, core: SessionCore, *, owns_client: bool = False) -> None:
+        self._client = client
+        self._core = core
+        self._owns_client = owns_client
+
+    @classmethod
+    def attach(cls, url: str, id: str, token: str, **client_options: Unpack[ClientOptions]) -> Self:
+        """Open an existing session from its id and token (a worker's entry point).
+
+        The session owns its own :class:`Client`, which :meth:`close` closes.
+        """
+        client = Client(url, **client_options)
+        return cls(client, client._core.session(id, token), owns_client=True)
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def token(self) -> str | None:
+        return self._core.token
+
+    @property
+    def version(self) -> int:
+        return self._core.version
+
+    @property
+    def last_applied(self) -> bool | None:
+        """Whether the last step was applied (False: e.g. skipped by the non-finite policy)."""
+        return self._core.last_applied
+
+    def step(
+        self,
+        grads: Tensors,
+        *,
+        lr: float | None = None,
+        params: Tensors | None = None,
+        base_version: int | None = None,
+        worker: str | None = None,
+        return_: Literal["stepped", "all"] = "stepped",
+    ) -> dict[str, Array]:
+        """Push gradients, apply one optimizer step, and return the new weights.
+
+        ``params`` are the current weights (optimizer-as-a-service style), ``lr`` overrides the
+        learning rate for this step only, ``base_version`` is the version the gradients were
+        computed on (ssp mode; StaleGradientError when too old). Retries never apply it twice.
+        """
+        call = self._core.step(
+            grads,
+            lr=lr,
+            params=params,
+            base_version=base_version,
+            worker=worker,
+            return_=return_,
+        )
+        return self._client._request(call)
+
+    def push(
+        self,
+        grads: Tensors,
+        *,
+        lr: float | None = None,
+        params: Tensors | None = None,
+        base_version: int | None = None,
+        worker: str | None = None,
+    ) -> int:
+        """Like :meth:`step` but without weights in the answer; returns the new version."""
+        call = self._core.step(
+            grads,
+            lr=lr,
+            params=params,
+            base_version=base_version,
+            worker=worker,
+            return_="none",
+        )
+        self._client._request(call)
+        return self._core.version
+
+    def pull(self, names: str | Iterable[str] | None = None) -> dict[str, Array]:
+        """The current weights (all, or those named); ``version`` tells which step they follow."""
+        return self._client._request(self._core.pull(names))
+
+    def set_params(self, params: Mapping[str, TensorLike]) -> dict[str, Any]:
+        """Set or replace weights; returns the server's answer (version and tensor list)."""
+        return self._client._request(self._core.set_params(params))
+
+    def info(self) -> dict[str, Any]:
+        return self._client._request(self._core.info())
+
+    def update(
+        self,
+        *,
+        optimizer: Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | Unset | None = UNSET,
+        mode: str | Mapping[str, Any] | None = None,
+        nonfinite: str | None = None,
+    ) -> dict[str, Any]:
+        """Change hyperparameters (e.g. ``optimizer={"lr": 0.01}``), schedule (None removes
+        it), mode or non-finite policy while training; returns the session's description."""
+        call = self._core.update(
+            optimizer=optimizer, schedule=schedule, mode=mode, nonfinite=nonfinite
+        )
+        return self._client._request(call)
+
+    def export_state(self) -> bytes:
+        """Everything needed to resume exactly, as one safetensors document."""
+        return self._client._request(self._core.export_state())
+
+    def delete(self) -> None:
+        self._client._request(self._core.delete())
+
+    def close(self) -> None:
+        """Close the client if this session owns it (see :meth:`attach`); never deletes."""
+        if self._owns_client:
+            self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, version={self.version})"

@@ -1,0 +1,70 @@
+"""A real server in a child process on a free loopback port: for the demo, benchmarks, tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+__all__ = ["EmbeddedServer", "embedded_server", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EmbeddedServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    admin_key: str | None = None
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+
+
+@contextmanager
+def embedded_server(
+    *, startup_timeout: float = 30.0, quiet: bool = True, **settings: object
+) -> Iterator[EmbeddedServer]:
+    """Run ``python -m optserver serve`` with ``OPTSERVER_*`` settings until the block ends."""
+    port = free_port()
+    env = {**os.environ, "OPTSERVER_HOST": "127.0.0.1", "OPTSERVER_PORT": str(port)}
+    if quiet:
+        env["OPTSERVER_LOG_LEVEL"] = "warning"
+    env.update({f"OPTSERVER_{k.upper()}": str(v) for k, v in settings.items()})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optserver", "serve"], env=env, stdin=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with status {process.returncode}")
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer /healthz within {startup_timeout} s")
+            time.sleep(0.05)
+        admin = settings.get("admin_key")
+        yield EmbeddedServer(url, process, None if admin is None else str(admin))
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from optserver.store import SessionStore
+from optserver.workers import STALENESS_BUCKETS, StalenessHistogram
 
 __all__ = ["Metrics", "MetricsMiddleware"]
 
@@ -50,6 +58,67 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         memory.set_function(lambda: sum(s.memory_bytes for s in store.sessions()))
+        r.register(WorkerCollector(store))
+
+
+def _buckets(histogram: StalenessHistogram) -> list[tuple[str, float]]:
+    cumulative, out = 0, list[tuple[str, float]]()
+    for bound, count in zip(STALENESS_BUCKETS, histogram.counts, strict=False):
+        cumulative += count
+        out.append((str(float(bound)), cumulative))
+    out.append(("+Inf", histogram.count))
+    return out
+
+
+class WorkerCollector:
+    """Per-session and per-worker bookkeeping, read from the store at scrape time (so deleted
+    sessions and forgotten workers simply disappear)."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self.store = store
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["session", "worker"]
+        staleness = HistogramMetricFamily(
+            "optserver_push_staleness",
+            "Steps between the version a gradient was computed on and the one it was applied "
+            "to, per session.",
+            labels=["session"],
+        )
+        pushes = CounterMetricFamily("optserver_worker_pushes", "Pushes by worker.", labels=labels)
+        applied = CounterMetricFamily(
+            "optserver_worker_applied", "Pushes applied, by worker.", labels=labels
+        )
+        rejected = CounterMetricFamily(
+            "optserver_worker_rejected", "Pushes refused or skipped, by worker.", labels=labels
+        )
+        seen = GaugeMetricFamily(
+            "optserver_worker_last_base_version",
+            "The version a worker's last push was computed on.",
+            labels=labels,
+        )
+        worker_staleness = HistogramMetricFamily(
+            "optserver_worker_staleness", "Staleness of a worker's applied pushes.", labels=labels
+        )
+        for session in self.store.sessions():
+            with session.locked():
+                staleness.add_metric(
+                    [session.id], _buckets(session.staleness), float(session.staleness.total)
+                )
+                for worker, stats in session.workers:
+                    key = [session.id, worker]
+                    pushes.add_metric(key, stats.pushes)
+                    applied.add_metric(key, stats.applied)
+                    rejected.add_metric(key, sum(stats.rejected.values()))
+                    if stats.last_base_version is not None:
+                        seen.add_metric(key, stats.last_base_version)
+                    worker_staleness.add_metric(
+                        key, _buckets(stats.staleness), float(stats.staleness.total)
+                    )
+        yield from (staleness, pushes, applied, rejected, seen, worker_staleness)
 
 
 class MetricsMiddleware:

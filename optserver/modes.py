@@ -25,6 +25,11 @@ class SSPMode(_Mode):
 
     name: Literal["ssp"]
     max_staleness: int = Field(ge=0)
+    staleness_scaling: Literal["none", "inverse"] = Field(
+        "none",
+        description="'inverse': an accepted gradient s steps stale is applied with lr/(1+s) "
+        "(staleness-aware asynchronous SGD, Zhang et al. 2016).",
+    )
 
 
 class SyncMode(_Mode):

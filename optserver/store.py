@@ -35,13 +35,14 @@ from optserver.errors import (
     Unauthorized,
     UnprocessableContent,
 )
-from optserver.modes import AsyncMode, Mode, SSPMode
+from optserver.modes import AsyncMode, Mode, SSPMode, SyncMode
 from optserver.optim import FLOAT_DTYPES, HyperparameterError, Optimizer, OptState, create
 from optserver.optim.kernels import count_nonfinite
 from optserver.optim.schedules import Schedule, create_schedule
 from optserver.wire import Buffer
+from optserver.workers import StalenessHistogram, WorkerBook
 
-__all__ = ["KEEP", "Push", "Reply", "Session", "SessionStore", "StoreLimits"]
+__all__ = ["KEEP", "Push", "Reply", "RoundMember", "Session", "SessionStore", "StoreLimits"]
 
 
 class _Keep(enum.Enum):
@@ -128,6 +129,8 @@ class Session:
         self.steps_applied = 0
         self.pushes_received = 0
         self.rejected: Counter[str] = Counter()
+        self.workers = WorkerBook()
+        self.staleness = StalenessHistogram()
         self.created_at = self.updated_at = time.time()
         self._lock = threading.RLock()
         self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
@@ -200,7 +203,9 @@ class Session:
                     "pushes_received": self.pushes_received,
                     "pushes_rejected": sum(self.rejected.values()),
                     "rejected_by_reason": dict(self.rejected),
+                    "staleness": self.staleness.to_dict(),
                 },
+                "workers": self.workers.to_dict(),
                 "memory_bytes": self.memory_bytes,
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
@@ -208,11 +213,18 @@ class Session:
 
     # --- changing ------------------------------------------------------------------------
 
-    def reject(self, reason: str) -> None:
-        """Count a push refused before it reached :meth:`step` (e.g. an undecodable body)."""
+    def reject(self, reason: str, worker: str | None = None) -> None:
+        """Count a push refused outside :meth:`step` (an undecodable body, a failed round)."""
         with self._lock:
             self.pushes_received += 1
-            self.rejected[reason] += 1
+            self._count_rejection(reason, worker)
+
+    def _count_rejection(self, reason: str, worker: str | None) -> None:
+        self.rejected[reason] += 1
+        stats = self.workers.get(worker)
+        if stats is not None:
+            stats.pushes += 1
+            stats.rejected[reason] += 1
 
     def configure(
         self,
@@ -326,31 +338,106 @@ class Session:
         ``names``: which tensors the answer carries: ``stepped``, ``all`` or ``none``.
         """
         with self._lock:
-            if key is not None and key in self._remembered:
-                return self._replay(key, respond)
+            replayed = self.replay(key, respond)
+            if replayed is not None:
+                return replayed
             self.pushes_received += 1
             try:
                 lr, apply = self._validate(push)
             except ProblemError as exc:
-                self.rejected[exc.slug] += 1
+                self._count_rejection(exc.slug, push.worker)
                 raise
             if apply:
+                lr = self._staleness_scaled(push, lr)
                 for name, value in push.params.items():
                     if name in self.params:
                         np.copyto(self.params[name], value)
                     else:
                         self._register(name, value)
                 self.optimizer.update(push.grads, self.state, self.params, lr=lr)
-                self.version += 1
-                self.steps_applied += 1
-                self.updated_at = time.time()
+                self._applied([push])
             else:
-                self.rejected["nonfinite-skipped"] += 1
-            chosen = {"stepped": list(push.grads), "all": list(self.params), "none": []}[names]
+                self._count_rejection("nonfinite-skipped", push.worker)
+            chosen = _chosen(names, push, self.params)
             reply = respond(self.version, apply, {n: self.params[n] for n in chosen})
             if key is not None:
                 self._remember(key, reply, tuple(chosen), apply)
             return reply
+
+    def _staleness_scaled(self, push: Push, lr: float | None) -> float | None:
+        """ssp with ``staleness_scaling: inverse``: lr/(1+s) for a gradient s steps stale."""
+        if (
+            push.base_version is None
+            or not isinstance(self.mode, SSPMode)
+            or self.mode.staleness_scaling != "inverse"
+        ):
+            return lr
+        staleness = self.version - push.base_version
+        return (self.scheduled_lr() if lr is None else lr) / (1 + staleness)
+
+    def _applied(self, pushes: list[Push]) -> None:
+        """Bookkeeping of one applied step made of ``pushes`` (one, or a sync round's)."""
+        for push in pushes:
+            stats = self.workers.get(push.worker)
+            if push.base_version is not None:
+                staleness = self.version - push.base_version
+                self.staleness.observe(staleness)
+                if stats is not None:
+                    stats.staleness.observe(staleness)
+            if stats is not None:
+                stats.pushes += 1
+                stats.applied += 1
+                stats.last_base_version = push.base_version
+                stats.last_version = self.version + 1
+        self.version += 1
+        self.steps_applied += 1
+        self.updated_at = time.time()
+
+    def check(self, push: Push) -> None:
+        """Validate a push without applying it (a sync round checks each push on arrival)."""
+        with self._lock:
+            try:
+                self._validate(push)
+            except ProblemError as exc:
+                self.pushes_received += 1
+                self._count_rejection(exc.slug, push.worker)
+                raise
+
+    def apply_round(self, members: list[RoundMember]) -> list[Reply]:
+        """One step with the mean of the members' gradients (a sync round); each member gets
+        its own answer. Raises, applying nothing, if any push no longer fits."""
+        with self._lock:
+            self.pushes_received += len(members)
+            lr: float | None = None
+            try:
+                for member in members:
+                    member_lr, _ = self._validate(member.push)
+                    lr = member_lr if lr is None else lr
+            except ProblemError as exc:
+                for member in members:
+                    self._count_rejection(exc.slug, member.push.worker)
+                raise
+            sums: dict[str, np.ndarray] = {}
+            counts: Counter[str] = Counter()
+            for member in members:
+                for name, grad in member.push.grads.items():
+                    if name in sums:
+                        np.add(sums[name], grad, out=sums[name])
+                    else:
+                        sums[name] = np.array(grad, dtype=self.params[name].dtype, copy=True)
+                    counts[name] += 1
+            for name, total in sums.items():
+                np.divide(total, total.dtype.type(counts[name]), out=total)
+            self.optimizer.update(sums, self.state, self.params, lr=lr)
+            self._applied([m.push for m in members])
+            replies = []
+            for member in members:
+                chosen = _chosen(member.names, member.push, self.params)
+                reply = member.respond(self.version, True, {n: self.params[n] for n in chosen})
+                if member.key is not None:
+                    self._remember(member.key, reply, tuple(chosen), True)
+                replies.append(reply)
+            return replies
 
     def _validate(self, push: Push) -> tuple[float | None, bool]:
         if not push.grads:
@@ -362,6 +449,25 @@ class Session:
                     f"gradient computed on version {push.base_version} is {staleness} steps "
                     f"behind version {self.version}; max_staleness is "
                     f"{self.mode.max_staleness}: pull and retry",
+                    current_version=self.version,
+                    base_version=push.base_version,
+                )
+        if isinstance(self.mode, SyncMode):
+            if not push.worker:
+                raise UnprocessableContent(
+                    "sync mode needs the pushing worker's id ('worker'): a round takes one "
+                    "gradient per worker",
+                    slug="worker-required",
+                )
+            if push.params:
+                raise UnprocessableContent(
+                    "sync mode takes gradients only: weights cannot be sent with a push",
+                    slug="params-in-sync-round",
+                )
+            if push.base_version is not None and push.base_version < self.version:
+                raise StaleGradient(
+                    f"gradient computed on version {push.base_version} is late: its round "
+                    f"closed; the session is at version {self.version}: pull and retry",
                     current_version=self.version,
                     base_version=push.base_version,
                 )
@@ -398,7 +504,10 @@ class Session:
             apply = self._check_finite(name, grad, "gradient") and apply
         return lr, apply
 
-    def _replay(self, key: str, respond: Responder) -> Reply:
+    def replay(self, key: str | None, respond: Responder) -> Reply | None:
+        """The answer to an earlier push with this idempotency key, or None."""
+        if key is None or key not in self._remembered:
+            return None
         memo = self._remembered[key]
         self._remembered.move_to_end(key)
         if memo.reply is not None:
@@ -430,6 +539,22 @@ class Session:
             return
         if not hmac.compare_digest(_digest(token), self.token_digest):
             raise Unauthorized(f"the token does not open session {self.id}")
+
+
+@dataclass
+class RoundMember:
+    """One push of a sync round, with what its answer should carry."""
+
+    push: Push
+    key: str | None
+    respond: Responder
+    names: str
+
+
+def _chosen(names: str, push: Push, params: Mapping[str, np.ndarray]) -> list[str]:
+    if names == "all":
+        return list(params)
+    return list(push.grads) if names == "stepped" else []
 
 
 def _check_same(

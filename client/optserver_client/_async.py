@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
@@ -26,8 +27,10 @@ from optserver_client._protocol import (
     SessionCore,
     Tensors,
     Unset,
+    retry_push,
 )
 from optserver_client._retry import RetryPolicy
+from optserver_client.exceptions import ConflictError, StaleGradientError
 
 __all__ = ["AsyncClient", "AsyncClientOptions", "AsyncSession"]
 
@@ -224,6 +227,42 @@ class AsyncSession:
         )
         return await self._client._request(call)
 
+    async def train_step(
+        self,
+        compute: Callable[[dict[str, Array]], Tensors | Awaitable[Tensors]],
+        weights: dict[str, Array] | None = None,
+        *,
+        worker: str | None = None,
+        lr: float | None = None,
+        retries: int = 5,
+    ) -> dict[str, Array]:
+        """See :meth:`Session.train_step`; ``compute`` may be a coroutine function.
+
+        One worker iteration that copes with staleness and failed rounds.
+
+        ``compute(weights)`` returns gradients; they are pushed with ``base_version`` = the
+        version of ``weights`` (those returned by the previous ``train_step`` or ``pull``; pulled
+        when None). If the server refuses them as stale (ssp, or late for a sync round), fresh
+        weights are pulled and ``compute`` runs again; if a sync round failed at its deadline,
+        the same gradients are pushed again; at most ``retries`` times. Returns the new weights
+        (every tensor).
+        """
+        if weights is None:
+            weights = await self.pull()
+        grads = await _maybe_await(compute(weights))
+        for attempt in range(retries + 1):
+            try:
+                return await self.step(
+                    grads, base_version=self.version, worker=worker, lr=lr, return_="all"
+                )
+            except (StaleGradientError, ConflictError) as error:
+                action = retry_push(error)
+                if action is None or attempt == retries:
+                    raise
+                if action == "recompute":
+                    grads = await _maybe_await(compute(await self.pull()))
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def push(
         self,
         grads: Tensors,
@@ -297,3 +336,9 @@ class AsyncSession:
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     for chunk in chunks:
         yield chunk
+
+
+async def _maybe_await(value: Tensors | Awaitable[Tensors]) -> Tensors:
+    if inspect.isawaitable(value):
+        return await value
+    return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
@@ -20,8 +20,10 @@ from optserver_client._protocol import (
     SessionCore,
     Tensors,
     Unset,
+    retry_push,
 )
 from optserver_client._retry import RetryPolicy
+from optserver_client.exceptions import ConflictError, StaleGradientError
 
 __all__ = ["Client", "ClientOptions", "Session"]
 
@@ -236,6 +238,40 @@ class Session:
             return_=return_,
         )
         return self._client._request(call)
+
+    def train_step(
+        self,
+        compute: Callable[[dict[str, Array]], Tensors],
+        weights: dict[str, Array] | None = None,
+        *,
+        worker: str | None = None,
+        lr: float | None = None,
+        retries: int = 5,
+    ) -> dict[str, Array]:
+        """One worker iteration that copes with staleness and failed rounds.
+
+        ``compute(weights)`` returns gradients; they are pushed with ``base_version`` = the
+        version of ``weights`` (those returned by the previous ``train_step`` or ``pull``; pulled
+        when None). If the server refuses them as stale (ssp, or late for a sync round), fresh
+        weights are pulled and ``compute`` runs again; if a sync round failed at its deadline,
+        the same gradients are pushed again; at most ``retries`` times. Returns the new weights
+        (every tensor).
+        """
+        if weights is None:
+            weights = self.pull()
+        grads = compute(weights)
+        for attempt in range(retries + 1):
+            try:
+                return self.step(
+                    grads, base_version=self.version, worker=worker, lr=lr, return_="all"
+                )
+            except (StaleGradientError, ConflictError) as error:
+                action = retry_push(error)
+                if action is None or attempt == retries:
+                    raise
+                if action == "recompute":
+                    grads = compute(self.pull())
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def push(
         self,

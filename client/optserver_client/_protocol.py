@@ -31,7 +31,12 @@ from optserver_client._codec import (
     encode_safetensors,
 )
 from optserver_client._retry import Retry
-from optserver_client.exceptions import ProtocolError, error_from_parts
+from optserver_client.exceptions import (
+    ConflictError,
+    ProtocolError,
+    StaleGradientError,
+    error_from_parts,
+)
 from optserver_client.safetensors_io import Buffer, allocate
 
 __all__ = [
@@ -525,3 +530,14 @@ def _common_dtype(arrays: Mapping[str, Array]) -> np.dtype[Any]:
 
 def _json_tensors(arrays: Mapping[str, Array]) -> dict[str, Any]:
     return {name: encode_json_tensor(array) for name, array in arrays.items()}
+
+
+def retry_push(error: Exception) -> Literal["recompute", "repeat"] | None:
+    """What :meth:`Session.train_step` does after ``error``: pull and recompute the gradients
+    (they are stale), push the same ones again (a sync round failed, nothing was applied), or
+    nothing (re-raise)."""
+    if isinstance(error, StaleGradientError):
+        return "recompute"
+    if isinstance(error, ConflictError) and error.type.endswith(":round-failed"):
+        return "repeat"
+    return None

@@ -8,11 +8,11 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from optserver import __version__
-from optserver.api.http import Turnstiles
 from optserver.api.problems import install_problem_handlers
 from optserver.api.routes import health, sessions, state, tensors
 from optserver.api.schemas import REQUEST_MODELS
 from optserver.config import Settings
+from optserver.coordinator import Coordinator
 from optserver.metrics import Metrics, MetricsMiddleware
 from optserver.optim import configure_threads
 from optserver.store import SessionStore, StoreLimits
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     app.state.settings = settings
     app.state.store = store
     app.state.metrics = metrics = Metrics(store)
-    app.state.turnstiles = Turnstiles()
+    app.state.coordinator = Coordinator()
     install_problem_handlers(app)
     for module in (sessions, state, tensors, health):
         app.include_router(module.router)

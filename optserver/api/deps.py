@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from optserver.api.http import Turnstiles
 from optserver.config import Settings
+from optserver.coordinator import Coordinator
 from optserver.metrics import Metrics
 from optserver.store import Session, SessionStore
 
-__all__ = ["AdminDep", "MetricsDep", "SessionDep", "SettingsDep", "StoreDep", "TurnstilesDep"]
+__all__ = ["AdminDep", "CoordinatorDep", "MetricsDep", "SessionDep", "SettingsDep", "StoreDep"]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -32,14 +32,14 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-def _turnstiles(request: Request) -> Turnstiles:
-    return request.app.state.turnstiles  # type: ignore[no-any-return]
+def _coordinator(request: Request) -> Coordinator:
+    return request.app.state.coordinator  # type: ignore[no-any-return]
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[SessionStore, Depends(_store)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
-TurnstilesDep = Annotated[Turnstiles, Depends(_turnstiles)]
+CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Literal
 
 from starlette.requests import Request
@@ -17,7 +15,6 @@ from optserver.wire import Buffer, allocate
 __all__ = [
     "Format",
     "RawResponse",
-    "Turnstiles",
     "read_body",
     "request_format",
     "response_format",
@@ -120,23 +117,3 @@ class RawResponse(Response):
         super().__init__(b"", status_code=status_code, headers=headers, media_type=media_type)
         self.body = body  # type: ignore[assignment]
         self.headers["content-length"] = str(len(body))
-
-
-class Turnstiles:
-    """One FIFO lock per session: pushes are applied one at a time, in arrival order.
-
-    asyncio locks wake waiters in the order they queued; the step itself runs in a worker
-    thread while the lock is held, so the event loop stays free.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    @asynccontextmanager
-    async def hold(self, session_id: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(session_id, asyncio.Lock())
-        async with lock:
-            yield
-
-    def forget(self, session_id: str) -> None:
-        self._locks.pop(session_id, None)

@@ -6,7 +6,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from optserver.api.codec import decode_tensors_json, limits
-from optserver.api.deps import AdminDep, SessionDep, SettingsDep, StoreDep, TurnstilesDep
+from optserver.api.deps import AdminDep, CoordinatorDep, SessionDep, SettingsDep, StoreDep
 from optserver.api.http import RawResponse, read_body, request_format
 from optserver.api.schemas import (
     JSON,
@@ -103,8 +103,8 @@ async def patch_session(request: Request, session: SessionDep, settings: Setting
     responses=responses(None, status=204),
 )
 async def delete_session(
-    session: SessionDep, store: StoreDep, turnstiles: TurnstilesDep
+    session: SessionDep, store: StoreDep, coordinator: CoordinatorDep
 ) -> Response:
     store.delete(session.id)
-    turnstiles.forget(session.id)
+    coordinator.forget(session.id)
     return Response(status_code=204)

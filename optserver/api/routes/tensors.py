@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from optserver.api.codec import decode_params, decode_push, responder, tensors_reply
-from optserver.api.deps import MetricsDep, SessionDep, SettingsDep, TurnstilesDep
+from optserver.api.deps import CoordinatorDep, MetricsDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
 from optserver.api.schemas import (
     JSON,
@@ -106,7 +106,7 @@ async def step(
     session: SessionDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-    turnstiles: TurnstilesDep,
+    coordinator: CoordinatorDep,
     return_: Annotated[
         Literal["stepped", "all", "none"], Query(alias="return", description="What comes back.")
     ] = "stepped",
@@ -128,16 +128,15 @@ async def step(
         metrics.rejected.labels(exc.slug).inc()
         raise
     respond = responder(fmt_out, tensors=return_ != "none")
-    async with turnstiles.hold(session.id):
-        start = time.perf_counter()
-        try:
-            reply = await run_in_threadpool(
-                lambda: session.step(push, key=idempotency_key, respond=respond, names=return_)
-            )
-        except ProblemError as exc:
-            metrics.rejected.labels(exc.slug).inc()
-            raise
-        metrics.step_seconds.observe(time.perf_counter() - start)
+    start = time.perf_counter()
+    try:
+        reply = await coordinator.push(
+            session, push, key=idempotency_key, respond=respond, names=return_
+        )
+    except ProblemError as exc:
+        metrics.rejected.labels(exc.slug).inc()
+        raise
+    metrics.step_seconds.observe(time.perf_counter() - start)
     if reply.replayed:
         metrics.replays.inc()
     else:

@@ -1,0 +1,259 @@
+"""``optserver demo``: a server, N worker processes, a live view, and a single-process baseline."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from optserver_client import Client, Session
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from optserver.demo import mlp
+from optserver.demo.data import Digits, load_digits
+from optserver.embedded import embedded_server
+from optserver.optim import create as create_optimizer
+
+__all__ = ["DemoConfig", "baseline", "mode_config", "optimizer_config", "run_demo"]
+
+#: Learning rates that suit this small model, by optimizer (overridable with --lr).
+DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.05, "rmsprop": 0.003, "adam": 0.01, "adamw": 0.01}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    workers: int = 4
+    optimizer: str = "adam"
+    mode: str = "async"
+    epochs: int = 20
+    batch: int = 32
+    lr: float | None = None
+    seed: int = 0
+    max_staleness: int = 4
+    round_timeout: float = 30.0
+
+
+def optimizer_config(name: str, lr: float | None) -> dict[str, Any]:
+    config: dict[str, Any] = {"name": name, "lr": lr if lr is not None else DEFAULT_LR[name]}
+    if name == "sgd":
+        config["momentum"] = 0.9
+    return config
+
+
+def mode_config(
+    mode: str, workers: int, *, max_staleness: int = 4, timeout: float = 30.0
+) -> dict[str, Any]:
+    if mode == "async":
+        return {"name": "async"}
+    if mode == "ssp":
+        return {"name": "ssp", "max_staleness": max_staleness}
+    if mode == "sync":
+        return {"name": "sync", "workers": workers, "timeout_s": timeout}
+    raise ValueError(f"unknown mode {mode!r}; use async, sync or ssp")
+
+
+def baseline(config: DemoConfig, data: Digits) -> dict[str, Any]:
+    """The same model, optimizer and data in one process, no server: the reference."""
+    start = time.perf_counter()
+    params = mlp.init_params(config.seed)
+    optimizer = create_optimizer(optimizer_config(config.optimizer, config.lr))
+    state = optimizer.init(params)
+    rng = np.random.default_rng(config.seed)
+    n = len(data.y_train)
+    steps = 0
+    for _ in range(config.epochs):
+        order = rng.permutation(n)
+        for begin in range(0, n, config.batch):
+            chosen = order[begin : begin + config.batch]
+            _, grads = mlp.gradients(params, data.x_train[chosen], data.y_train[chosen])
+            optimizer.update(grads, state, params)
+            steps += 1
+    return {
+        "test_accuracy": mlp.accuracy(params, data.x_test, data.y_test),
+        "steps": steps,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@dataclass
+class _Progress:
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def table(self, title: str) -> Table:
+        table = Table(title=title)
+        for column in ("worker", "epoch", "steps", "loss", "train acc", "staleness", "status"):
+            table.add_column(column, justify="right")
+        for worker, row in sorted(self.rows.items()):
+            table.add_row(
+                worker,
+                f"{row.get('epoch', 0)}/{row.get('epochs', '?')}",
+                str(row.get("steps", 0)),
+                f"{row['loss']:.4f}" if "loss" in row else "-",
+                f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
+                f"{row['staleness']:.2f}" if "staleness" in row else "-",
+                row.get("status", "training"),
+            )
+        return table
+
+
+def _spawn_workers(url: str, session: Session, config: DemoConfig) -> list[subprocess.Popen[str]]:
+    processes = []
+    for k in range(config.workers):
+        command = [
+            sys.executable, "-m", "optserver", "worker", "--url", url, "--session", session.id,
+            "--token", str(session.token), "--shard", str(k), "--shards", str(config.workers),
+            "--epochs", str(config.epochs), "--batch", str(config.batch),
+            "--seed", str(config.seed + k + 1), "--worker-id", f"w{k + 1}", "--log", "json",
+        ]  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+            )
+        )
+    return processes
+
+
+def _read_events(processes: list[subprocess.Popen[str]]) -> Iterator[dict[str, Any]]:
+    """Events from every worker's stdout, as they come, until all have exited."""
+    events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def pump(process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            try:
+                events.put(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        events.put(None)
+
+    for process in processes:
+        threading.Thread(target=pump, args=(process,), daemon=True).start()
+    running = len(processes)
+    while running:
+        event = events.get()
+        if event is None:
+            running -= 1
+        else:
+            yield event
+
+
+@contextmanager
+def _server(url: str | None) -> Iterator[str]:
+    if url is not None:
+        yield url
+        return
+    with embedded_server() as server:
+        yield server.url
+
+
+def run_demo(
+    config: DemoConfig, *, live: bool = True, url: str | None = None, admin_key: str | None = None
+) -> dict[str, Any]:
+    """Train with ``config.workers`` processes through a server; return the summary."""
+    data = load_digits()
+    console = Console(stderr=True)
+    with _server(url) as server_url, Client(server_url, admin_key=admin_key) as client:
+        session = client.create_session(
+            mlp.init_params(config.seed),
+            optimizer_config(config.optimizer, config.lr),
+            mode=mode_config(
+                config.mode, config.workers, max_staleness=config.max_staleness,
+                timeout=config.round_timeout,
+            ),
+            name=f"demo-{config.mode}",
+        )  # fmt: skip
+        start = time.perf_counter()
+        processes = _spawn_workers(server_url, session, config)
+        progress = _Progress({f"w{k + 1}": {} for k in range(config.workers)})
+        title = (
+            f"{config.workers} workers, {config.optimizer}, {config.mode} mode, "
+            f"{config.epochs} epochs"
+        )
+        view = (
+            Live(progress.table(title), console=console, refresh_per_second=8)
+            if live
+            else nullcontext()
+        )
+        results: dict[str, dict[str, Any]] = {}
+        with view as display:
+            for event in _read_events(processes):
+                row = progress.rows.setdefault(event["worker"], {})
+                row.update(event)
+                if event["event"] == "done":
+                    row["status"] = f"test {event['test_accuracy']:.3f}"
+                    results[event["worker"]] = event
+                if display is not None:
+                    display.update(progress.table(title))
+        failed = [p for p in processes if p.wait() != 0]
+        seconds = time.perf_counter() - start
+        if failed:
+            errors = "\n".join((p.stderr.read() if p.stderr else "")[-2000:] for p in failed)
+            raise RuntimeError(f"{len(failed)} worker(s) failed:\n{errors}")
+        weights = session.pull()
+        info = session.info()
+        session.delete()
+    reference = baseline(config, data)
+    staleness = info["counters"]["staleness"]
+    return {
+        "workers": config.workers,
+        "mode": config.mode,
+        "optimizer": optimizer_config(config.optimizer, config.lr),
+        "epochs": config.epochs,
+        "steps": info["version"],
+        "test_accuracy": mlp.accuracy(weights, data.x_test, data.y_test),
+        "baseline_accuracy": reference["test_accuracy"],
+        "baseline_steps": reference["steps"],
+        "baseline_seconds": reference["seconds"],
+        "seconds": seconds,
+        "pushes": info["counters"]["pushes_received"],
+        "pushes_rejected": info["counters"]["pushes_rejected"],
+        "rejected_by_reason": info["counters"]["rejected_by_reason"],
+        "staleness_mean": staleness["mean"],
+        "staleness_buckets": staleness["buckets"],
+        "per_worker": {
+            worker: {
+                "pushes": stats["pushes"],
+                "applied": stats["applied"],
+                "rejected": stats["rejected"],
+                "staleness_mean": stats["staleness"]["mean"],
+                "test_accuracy": results.get(worker, {}).get("test_accuracy"),
+            }
+            for worker, stats in info["workers"].items()
+        },
+    }
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title="optserver demo: summary", show_header=False)
+    table.add_column(justify="right", style="bold")
+    table.add_column()
+    rows = [
+        ("workers / mode", f"{summary['workers']} / {summary['mode']}"),
+        ("optimizer", json.dumps(summary["optimizer"])),
+        ("test accuracy", f"{summary['test_accuracy']:.4f}"),
+        (
+            "baseline (1 process)",
+            f"{summary['baseline_accuracy']:.4f} ({summary['baseline_steps']} steps, "
+            f"{summary['baseline_seconds']:.1f} s)",
+        ),
+        ("steps applied", str(summary["steps"])),
+        ("pushes (rejected)", f"{summary['pushes']} ({summary['pushes_rejected']})"),
+        (
+            "staleness (mean)",
+            "-" if summary["staleness_mean"] is None else f"{summary['staleness_mean']:.2f}",
+        ),
+        ("wall time", f"{summary['seconds']:.1f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

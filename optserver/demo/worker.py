@@ -1,0 +1,129 @@
+"""One training worker: pull weights, compute gradients on its data, push, repeat."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from optserver_client import Session
+
+from optserver.demo import mlp
+from optserver.demo.data import Digits, load_digits, shard
+
+__all__ = ["WorkerPlan", "run_worker"]
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    worker: str
+    shard: int | None  # None: random minibatches from the whole training set
+    shards: int
+    epochs: int = 20
+    batch: int = 32
+    seed: int = 0
+
+
+def auto_seed() -> int:
+    """A seed of this host's own (compose replicas are identical but for their hostnames)."""
+    return zlib.crc32(socket.gethostname().encode())
+
+
+def run_worker(
+    session: Session, plan: WorkerPlan, emit: Emit, data: Digits | None = None
+) -> dict[str, Any]:
+    """Train until ``plan.epochs`` are done; ``emit`` gets a progress event after each epoch.
+
+    Every worker takes the same number of steps per epoch (a sync round needs one push from
+    each): a full pass over the largest shard.
+    """
+    data = data or load_digits()
+    if plan.shard is None:
+        x, y = data.x_train, data.y_train
+    else:
+        x, y = shard(data.x_train, data.y_train, plan.shard, plan.shards)
+    steps_per_epoch = math.ceil(math.ceil(len(data.y_train) / plan.shards) / plan.batch)
+    rng = np.random.default_rng(plan.seed)
+    start = time.perf_counter()
+    weights = session.pull()
+    steps = 0
+    for epoch in range(1, plan.epochs + 1):
+        order = rng.permutation(len(y))
+        losses: list[float] = []
+        staleness: list[int] = []
+        for k in range(steps_per_epoch):
+            chosen = order[(np.arange(plan.batch) + k * plan.batch) % len(y)]
+            compute = _batch_gradients(x[chosen], y[chosen], losses)
+            base = session.version
+            weights = session.train_step(compute, weights, worker=plan.worker)
+            # Steps by other workers between the weights used and this one's own step.
+            staleness.append(max(0, session.version - 1 - base))
+            steps += 1
+        emit(
+            {
+                "event": "epoch",
+                "worker": plan.worker,
+                "epoch": epoch,
+                "epochs": plan.epochs,
+                "steps": steps,
+                "loss": float(np.mean(losses[-steps_per_epoch:])),
+                "accuracy": mlp.accuracy(weights, x, y),
+                "version": session.version,
+                "staleness": float(np.mean(staleness)),
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    result = {
+        "event": "done",
+        "worker": plan.worker,
+        "steps": steps,
+        "test_accuracy": mlp.accuracy(weights, data.x_test, data.y_test),
+        "version": session.version,
+        "seconds": time.perf_counter() - start,
+    }
+    emit(result)
+    return result
+
+
+def _batch_gradients(
+    x: np.ndarray, y: np.ndarray, losses: list[float]
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Gradients of one batch at given weights (recomputed if the server wants fresh ones)."""
+
+    def compute(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        value, grads = mlp.gradients(weights, x, y)
+        losses.append(value)
+        return grads
+
+    return compute
+
+
+def printer(style: Literal["text", "json"]) -> Emit:
+    """Progress lines on stdout: JSON for the demo's parent process, text for people."""
+
+    def emit(event: dict[str, Any]) -> None:
+        if style == "json":
+            line = json.dumps(event)
+        elif event["event"] == "epoch":
+            line = (
+                f"worker {event['worker']} epoch {event['epoch']}/{event['epochs']} "
+                f"loss {event['loss']:.4f} train_accuracy {event['accuracy']:.3f} "
+                f"version {event['version']} staleness {event['staleness']:.2f}"
+            )
+        else:
+            line = (
+                f"worker {event['worker']} done after {event['steps']} steps in "
+                f"{event['seconds']:.1f} s; final test_accuracy={event['test_accuracy']:.4f}"
+            )
+        print(line, file=sys.stdout, flush=True)
+
+    return emit

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import typer
@@ -28,22 +29,34 @@ def serve(
     ] = None,
     ssl_certfile: Annotated[str | None, typer.Option(help="TLS certificate (PEM).")] = None,
     ssl_keyfile: Annotated[str | None, typer.Option(help="TLS private key (PEM).")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Keep sessions across restarts [env OPTSERVER_DATA_DIR].")
+    ] = None,
+    fsync: Annotated[str | None, typer.Option(help="always, interval or never.")] = None,
 ) -> None:
     """Run the server. Every setting is also an OPTSERVER_* environment variable."""
     import uvicorn
 
     from optserver.api.app import create_app
     from optserver.config import Settings
+    from optserver.durability import DataDirError
 
     overrides: dict[str, Any] = {
         k: v
         for k, v in {"host": host, "port": port, "admin_key": admin_key,
-                     "max_body_bytes": max_body_bytes, "log_level": log_level}.items()
+                     "max_body_bytes": max_body_bytes, "log_level": log_level,
+                     "data_dir": data_dir, "fsync": fsync}.items()
         if v is not None
     }  # fmt: skip
     settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
+    try:
+        application = create_app(settings)
+    except DataDirError as exc:
+        typer.echo(f"optserver: cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
     uvicorn.run(
-        create_app(settings),
+        application,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

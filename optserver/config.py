@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["NonFinitePolicy", "Settings"]
+__all__ = ["FsyncPolicy", "NonFinitePolicy", "Settings"]
 
 #: What a step does with a gradient that holds NaN or Inf: refuse it (422), acknowledge it
 #: without applying anything, or apply it anyway.
 NonFinitePolicy = Literal["reject", "skip", "allow"]
+FsyncPolicy = Literal["always", "interval", "never"]
 
 
 class Settings(BaseSettings):
@@ -50,5 +52,27 @@ class Settings(BaseSettings):
     )
     compute_threads: int | None = Field(
         None, ge=1, description="Threads one large optimizer step may use (default: CPUs, <= 8)."
+    )
+    max_total_bytes: int | None = Field(
+        None, ge=0, description="Quota of weights and optimizer state over all sessions (507)."
+    )
+    session_ttl_s: float | None = Field(
+        None, gt=0, description="Delete sessions unused for this many seconds (none: never)."
+    )
+    data_dir: Path | None = Field(
+        None, description="Keep sessions here: a journal of every change plus snapshots."
+    )
+    fsync: FsyncPolicy = Field(
+        "always",
+        description="always: a step is on disk before it is acknowledged (group commit); "
+        "interval: fsync every fsync_interval_s (a power loss may lose that much); never: leave "
+        "it to the kernel. A killed server loses nothing under any policy.",
+    )
+    fsync_interval_s: float = Field(1.0, gt=0, description="Period of the interval policy.")
+    snapshot_bytes: int = Field(
+        256 << 20, ge=1, description="Snapshot once the journal has grown by this much."
+    )
+    snapshot_interval_s: float = Field(
+        300.0, gt=0, description="Snapshot at least this often while sessions change."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -26,7 +26,8 @@ import anyio.to_thread
 
 from optserver.errors import Conflict, ProblemError
 from optserver.modes import SyncMode
-from optserver.store import Push, Reply, Responder, RoundMember, Session
+from optserver.replies import Answer, Reply
+from optserver.store import Push, RoundMember, Session
 
 __all__ = ["Coordinator"]
 
@@ -67,7 +68,7 @@ class Coordinator:
             self._fail(pending, Conflict("the session was deleted", slug="round-failed"))
 
     async def push(
-        self, session: Session, push: Push, *, key: str | None, respond: Responder, names: str
+        self, session: Session, push: Push, *, key: str | None, respond: Answer, names: str
     ) -> Reply:
         """Apply ``push`` (async and ssp modes) or add it to the session's round (sync)."""
         if isinstance(session.mode, SyncMode):
@@ -83,7 +84,7 @@ class Coordinator:
         mode: SyncMode,
         push: Push,
         key: str | None,
-        respond: Responder,
+        respond: Answer,
         names: str,
     ) -> Reply:
         replayed = session.replay(key, respond)

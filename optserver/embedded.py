@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -34,16 +35,28 @@ class EmbeddedServer:
 
 @contextmanager
 def embedded_server(
-    *, startup_timeout: float = 30.0, quiet: bool = True, **settings: object
+    *,
+    startup_timeout: float = 30.0,
+    quiet: bool = True,
+    log_file: Path | None = None,
+    **settings: object,
 ) -> Iterator[EmbeddedServer]:
-    """Run ``python -m optserver serve`` with ``OPTSERVER_*`` settings until the block ends."""
+    """Run ``python -m optserver serve`` with ``OPTSERVER_*`` settings until the block ends.
+
+    ``log_file``: where the server's output goes (default: this process's).
+    """
     port = free_port()
     env = {**os.environ, "OPTSERVER_HOST": "127.0.0.1", "OPTSERVER_PORT": str(port)}
     if quiet:
         env["OPTSERVER_LOG_LEVEL"] = "warning"
     env.update({f"OPTSERVER_{k.upper()}": str(v) for k, v in settings.items()})
+    output = open(log_file, "ab") if log_file is not None else None  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "optserver", "serve"], env=env, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "optserver", "serve"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT if output is not None else None,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -68,3 +81,5 @@ def embedded_server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if output is not None:
+            output.close()

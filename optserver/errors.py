@@ -14,6 +14,7 @@ __all__ = [
     "BadRequest",
     "Conflict",
     "Forbidden",
+    "InsufficientStorage",
     "InvalidTensor",
     "LimitExceeded",
     "NotAcceptable",
@@ -147,6 +148,14 @@ class LimitExceeded(ProblemError):
     status = 429
     slug = "limit-exceeded"
     title = "Limit exceeded"
+
+
+class InsufficientStorage(ProblemError):
+    """The total-bytes quota of the server would be exceeded."""
+
+    status = 507
+    slug = "insufficient-storage"
+    title = "Quota of stored bytes exceeded"
 
 
 class ServiceUnavailable(ProblemError):

@@ -100,11 +100,17 @@ class WorkerCollector:
             "The version a worker's last push was computed on.",
             labels=labels,
         )
+        session_bytes = GaugeMetricFamily(
+            "optserver_session_bytes",
+            "Bytes of weights and optimizer state held by a session.",
+            labels=["session"],
+        )
         worker_staleness = HistogramMetricFamily(
             "optserver_worker_staleness", "Staleness of a worker's applied pushes.", labels=labels
         )
         for session in self.store.sessions():
             with session.locked():
+                session_bytes.add_metric([session.id], session.memory_bytes)
                 staleness.add_metric(
                     [session.id], _buckets(session.staleness), float(session.staleness.total)
                 )
@@ -118,7 +124,7 @@ class WorkerCollector:
                     worker_staleness.add_metric(
                         key, _buckets(stats.staleness), float(stats.staleness.total)
                     )
-        yield from (staleness, pushes, applied, rejected, seen, worker_staleness)
+        yield from (session_bytes, staleness, pushes, applied, rejected, seen, worker_staleness)
 
 
 class MetricsMiddleware:

@@ -1,4 +1,5 @@
-"""A session as one set of named arrays plus a JSON record: the export/import format.
+"""A session as one set of named arrays plus a JSON record: the export/import format, and the
+unit of the data directory's snapshots and journal.
 
 Layout of the safetensors document (``GET /v1/sessions/{id}/state``):
 
@@ -9,12 +10,16 @@ Layout of the safetensors document (``GET /v1/sessions/{id}/state``):
   is ``"1"``.
 
 Importing validates all of it (names, shapes, dtypes, options) before a session exists, and the
-imported session continues bit for bit where the exported one stood.
+imported session continues bit for bit where the exported one stood. The data directory keeps
+more (``private``): the session's id and token digest, its idempotency memory (answers as
+``memo/N`` byte tensors) and per-worker bookkeeping, so that a restarted server is the same
+server.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter, OrderedDict
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
@@ -24,13 +29,42 @@ from optserver.config import NonFinitePolicy
 from optserver.errors import BadRequest, InvalidTensor, UnprocessableContent
 from optserver.modes import Mode
 from optserver.optim import OptimError
-from optserver.store import Session, SessionStore
+from optserver.optim import create as create_optimizer
+from optserver.optim.schedules import create_schedule
+from optserver.replies import Reply
+from optserver.store import Session, SessionStore, StoreLimits, _hyper, _Remembered
 
-__all__ = ["FORMAT", "export_session", "import_session"]
+__all__ = [
+    "FORMAT",
+    "SessionRecord",
+    "export_session",
+    "import_session",
+    "restore_session",
+    "split_tensors",
+]
 
 FORMAT = "1"
 RECORD_KEY = "optserver.session"
 FORMAT_KEY = "optserver.format"
+
+
+class MemoEntry(BaseModel):
+    key: str
+    names: list[str]
+    applied: bool
+    version: int
+    media_type: str | None = None  # None: the answer was too large to keep
+
+
+class Private(BaseModel):
+    """What only the data directory keeps."""
+
+    id: str
+    token_digest: str
+    memo: list[MemoEntry] = Field(default_factory=list)
+    workers: dict[str, Any] = Field(default_factory=dict)
+    staleness: dict[str, Any] = Field(default_factory=dict)
+    updated_at: float = 0.0
 
 
 class SessionRecord(BaseModel):
@@ -47,17 +81,51 @@ class SessionRecord(BaseModel):
     steps: dict[str, int]
     steps_applied: int = Field(0, ge=0)
     pushes_received: int = Field(0, ge=0)
-    rejected: dict[str, int] = Field(default_factory=dict)
+    rejected: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     created_at: float = 0.0
+    private: Private | None = None
 
 
-def export_session(session: Session) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def export_session(
+    session: Session, *, private: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (views: encode them under ``session.locked()``) and metadata of a session."""
+    tensors, record = session_tensors(session, private=private)
+    return tensors, {FORMAT_KEY: FORMAT, RECORD_KEY: record.model_dump_json()}
+
+
+def session_tensors(
+    session: Session, *, private: bool = False
+) -> tuple[dict[str, np.ndarray], SessionRecord]:
     tensors: dict[str, np.ndarray] = {}
     for name, param in session.params.items():
         tensors[f"params/{name}"] = param
         for field, array in session.state[name].arrays().items():
             tensors[f"state/{name}/{field}"] = array
+    extra = None
+    if private:
+        memo = []
+        for index, (key, remembered) in enumerate(session._remembered.items()):
+            reply = remembered.reply
+            memo.append(
+                MemoEntry(
+                    key=key,
+                    names=list(remembered.names),
+                    applied=remembered.applied,
+                    version=remembered.version,
+                    media_type=None if reply is None else reply.media_type,
+                )
+            )
+            if reply is not None:
+                tensors[f"memo/{index}"] = np.frombuffer(reply.body, dtype=np.uint8)
+        extra = Private(
+            id=session.id,
+            token_digest=session.token_digest.hex(),
+            memo=memo,
+            workers=session.workers.to_dict(),
+            staleness={"counts": session.staleness.counts, "total": session.staleness.total},
+            updated_at=session.updated_at,
+        )
     record = SessionRecord(
         name=session.name,
         optimizer=session.optimizer.config(),
@@ -70,8 +138,110 @@ def export_session(session: Session) -> tuple[dict[str, np.ndarray], dict[str, s
         pushes_received=session.pushes_received,
         rejected=dict(session.rejected),
         created_at=session.created_at,
+        private=extra,
     )
-    return tensors, {FORMAT_KEY: FORMAT, RECORD_KEY: record.model_dump_json()}
+    return tensors, record
+
+
+def parse_record(raw: str | bytes) -> SessionRecord:
+    try:
+        return SessionRecord.model_validate(orjson.loads(raw))
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        raise UnprocessableContent(f"invalid session record in the export: {exc}") from None
+
+
+def split_tensors(
+    tensors: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], dict[int, np.ndarray]]:
+    """``params/NAME``, ``state/NAME/FIELD`` and ``memo/N`` tensors, sorted out."""
+    params: dict[str, np.ndarray] = {}
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    memo: dict[int, np.ndarray] = {}
+    for key, array in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "params" and rest:
+            params[rest] = array
+        elif kind == "state" and "/" in rest:
+            tensor, _, field = rest.rpartition("/")
+            arrays.setdefault(tensor, {})[field] = array
+        elif kind == "memo" and rest.isdigit():
+            memo[int(rest)] = array
+        else:
+            raise InvalidTensor(f"unexpected tensor {key!r} in the export", tensor=key)
+    return params, arrays, memo
+
+
+def restore_session(
+    record: SessionRecord,
+    tensors: dict[str, np.ndarray],
+    limits: StoreLimits,
+    *,
+    token_digest: bytes | None = None,
+    name: str | None = None,
+) -> Session:
+    """A session rebuilt from a record and its tensors; raises (a problem) if anything is off.
+
+    Without ``token_digest`` the record's private part (id, digest, memory) is used.
+    """
+    params, arrays, memo = split_tensors(tensors)
+    if token_digest is None and record.private is None:
+        raise BadRequest("the record has no identity to restore")
+    private = record.private if token_digest is None else None
+    for tensor in list(arrays) + list(record.steps):
+        if tensor not in params:
+            raise InvalidTensor(
+                f"the export has state but no weights for {tensor!r}", tensor=tensor
+            )
+    session = Session(
+        name=name if name is not None else record.name,
+        optimizer=_hyper(lambda: create_optimizer(record.optimizer)),
+        schedule=_hyper(lambda: create_schedule(record.schedule)),
+        mode=record.mode,
+        nonfinite=record.nonfinite,
+        limits=limits,
+        token_digest=token_digest or bytes.fromhex(private.token_digest if private else ""),
+        id=None if private is None else private.id,
+    )
+    with session.locked():
+        nonfinite, session.nonfinite = session.nonfinite, "allow"  # restore what was there
+        session.put_params(params)
+        session.nonfinite = nonfinite
+        for tensor, param in session.params.items():
+            try:
+                session.state[tensor] = session.optimizer.restore_tensor(
+                    param, step=record.steps.get(tensor, 0), arrays=arrays.get(tensor, {})
+                )
+            except OptimError as exc:
+                raise InvalidTensor(str(exc), tensor=tensor) from None
+        session.version = record.version
+        session.steps_applied = record.steps_applied
+        session.pushes_received = record.pushes_received
+        session.rejected.update(record.rejected)
+        session.created_at = record.created_at or session.created_at
+        if private is not None:
+            _restore_private(session, private, memo)
+    return session
+
+
+def _restore_private(session: Session, private: Any, memo: dict[int, np.ndarray]) -> None:
+    remembered: OrderedDict[str, _Remembered] = OrderedDict()
+    size = 0
+    for index, entry in enumerate(private.memo):
+        reply = None
+        if entry.media_type is not None and index in memo:
+            body = memo[index].tobytes()
+            reply = Reply(body, entry.media_type, entry.version)
+            size += len(body)
+        remembered[entry.key] = _Remembered(reply, tuple(entry.names), entry.applied, entry.version)
+    session._remembered = remembered
+    session._remembered_bytes = size
+    session.workers.restore(private.workers)
+    counts = private.staleness.get("counts")
+    if counts and len(counts) == len(session.staleness.counts):
+        session.staleness.counts = [int(c) for c in counts]
+        session.staleness.total = int(private.staleness.get("total", 0))
+    session.updated_at = private.updated_at or session.updated_at
+    session.rejected = Counter(session.rejected)
 
 
 def import_session(
@@ -87,50 +257,9 @@ def import_session(
             f"not an optserver state export: __metadata__ needs {FORMAT_KEY!r} = {FORMAT!r} "
             f"and {RECORD_KEY!r}"
         )
-    try:
-        record = SessionRecord.model_validate(orjson.loads(metadata[RECORD_KEY]))
-    except (orjson.JSONDecodeError, ValidationError) as exc:
-        raise UnprocessableContent(f"invalid session record in the export: {exc}") from None
-    params: dict[str, np.ndarray] = {}
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    for key, array in tensors.items():
-        kind, _, rest = key.partition("/")
-        if kind == "params" and rest:
-            params[rest] = array
-        elif kind == "state" and "/" in rest:
-            tensor, _, field = rest.rpartition("/")
-            arrays.setdefault(tensor, {})[field] = array
-        else:
-            raise InvalidTensor(f"unexpected tensor {key!r} in the export", tensor=key)
-    for tensor in list(arrays) + list(record.steps):
-        if tensor not in params:
-            raise InvalidTensor(
-                f"the export has state but no weights for {tensor!r}", tensor=tensor
-            )
-    session, token = store.create(
-        optimizer=record.optimizer,
-        name=name if name is not None else record.name,
-        mode=record.mode,
-        schedule=record.schedule,
-        nonfinite=record.nonfinite,
-        params=None,
-    )
-    try:
-        with session.locked():
-            session.put_params(params)
-            for tensor, param in session.params.items():
-                try:
-                    session.state[tensor] = session.optimizer.restore_tensor(
-                        param, step=record.steps.get(tensor, 0), arrays=arrays.get(tensor, {})
-                    )
-                except OptimError as exc:
-                    raise InvalidTensor(str(exc), tensor=tensor) from None
-            session.version = record.version
-            session.steps_applied = record.steps_applied
-            session.pushes_received = record.pushes_received
-            session.rejected.update(record.rejected)
-            session.created_at = record.created_at or session.created_at
-    except Exception:
-        store.delete(session.id)
-        raise
+    record = parse_record(metadata[RECORD_KEY])
+    record.private = None  # an import is a new session: never another server's identity
+    token, digest = store.new_token()
+    session = restore_session(record, tensors, store.limits, token_digest=digest, name=name)
+    store.add(session)
     return session, token

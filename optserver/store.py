@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from optserver.config import NonFinitePolicy
 from optserver.errors import (
     Conflict,
     Forbidden,
+    InsufficientStorage,
     InvalidTensor,
     LimitExceeded,
     NotFound,
@@ -39,7 +40,7 @@ from optserver.modes import AsyncMode, Mode, SSPMode, SyncMode
 from optserver.optim import FLOAT_DTYPES, HyperparameterError, Optimizer, OptState, create
 from optserver.optim.kernels import count_nonfinite
 from optserver.optim.schedules import Schedule, create_schedule
-from optserver.wire import Buffer
+from optserver.replies import Answer, Reply
 from optserver.workers import StalenessHistogram, WorkerBook
 
 __all__ = ["KEEP", "Push", "Reply", "RoundMember", "Session", "SessionStore", "StoreLimits"]
@@ -60,6 +61,8 @@ class StoreLimits:
     max_tensor_elements: int = 1 << 28
     idempotency_keys: int = 256
     idempotency_bytes: int = 64 << 20
+    #: Bytes of weights and optimizer state over all sessions (None: no quota).
+    max_total_bytes: int | None = None
 
 
 @dataclass
@@ -74,26 +77,29 @@ class Push:
     worker: str | None = None
 
 
-@dataclass(frozen=True)
-class Reply:
-    """An encoded answer; kept for idempotent replays."""
-
-    body: Buffer
-    media_type: str
-    version: int
-    replayed: bool = False
-
-
-#: Builds the answer to a step from (version, applied, tensors); called under the lock so the
-#: tensors it encodes are exactly the weights of that version.
-Responder = Callable[[int, bool, Mapping[str, np.ndarray]], Reply]
-
-
 @dataclass
 class _Remembered:
     reply: Reply | None  # None: too large to keep; replay re-encodes the named tensors
     names: tuple[str, ...]
     applied: bool
+    version: int
+
+
+class Recorder(Protocol):
+    """Where changes go to become durable (the data directory's journal). Each method returns
+    a ticket: the change is durable once ``wait(ticket)`` returns."""
+
+    def created(self, session: Session) -> int: ...
+    def params_put(self, session: Session, tensors: Mapping[str, np.ndarray]) -> int: ...
+    def stepped(
+        self, session: Session, push: Push, key: str | None, answer: Answer, names: str
+    ) -> int: ...
+    def round_applied(self, session: Session, members: list[RoundMember]) -> int: ...
+    def configured(self, session: Session) -> int: ...
+    def deleted(self, session_id: str) -> int: ...
+    def rejected(self, session: Session, reason: str, worker: str | None) -> None: ...
+    def wait(self, ticket: int | None) -> None: ...
+    def sync(self) -> None: ...
 
 
 def _digest(token: str) -> bytes:
@@ -132,6 +138,11 @@ class Session:
         self.workers = WorkerBook()
         self.staleness = StalenessHistogram()
         self.created_at = self.updated_at = time.time()
+        self.last_used = time.time()
+        #: Set by the store when a data directory records changes; None while recovering.
+        self.recorder: Recorder | None = None
+        #: Set by the store: bytes held by all sessions, for the total-bytes quota.
+        self.total_bytes: Callable[[], int] | None = None
         self._lock = threading.RLock()
         self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
         self._remembered_bytes = 0
@@ -218,6 +229,8 @@ class Session:
         with self._lock:
             self.pushes_received += 1
             self._count_rejection(reason, worker)
+            if self.recorder is not None:
+                self.recorder.rejected(self, reason, worker)
 
     def _count_rejection(self, reason: str, worker: str | None) -> None:
         self.rejected[reason] += 1
@@ -233,8 +246,10 @@ class Session:
         schedule: Mapping[str, Any] | _Keep | None = KEEP,
         mode: Mode | None = None,
         nonfinite: NonFinitePolicy | None = None,
-    ) -> None:
-        """Change hyperparameters, schedule (None removes it), mode or NaN policy."""
+    ) -> int | None:
+        """Change hyperparameters, schedule (None removes it), mode or NaN policy.
+
+        Returns the durability ticket (see :class:`Recorder`)."""
         with self._lock:
             new_optimizer = self.optimizer
             if optimizer is not None:
@@ -256,8 +271,9 @@ class Session:
             if nonfinite is not None:
                 self.nonfinite = nonfinite
             self.updated_at = time.time()
+            return None if self.recorder is None else self.recorder.configured(self)
 
-    def put_params(self, tensors: Mapping[str, np.ndarray]) -> None:
+    def put_params(self, tensors: Mapping[str, np.ndarray]) -> int | None:
         """Set weights: same shape and dtype keep their optimizer state; a new shape or dtype,
         or a new name, starts fresh state."""
         with self._lock:
@@ -282,6 +298,7 @@ class Session:
                 else:
                     self._register(name, value)
             self.updated_at = time.time()
+            return None if self.recorder is None else self.recorder.params_put(self, tensors)
 
     def _register(self, name: str, value: np.ndarray) -> None:
         param = np.array(value, dtype=_param_dtype(value.dtype), order="C", copy=True)
@@ -315,6 +332,31 @@ class Session:
             current = self.params.get(name)
             if current is not None and not replace_shapes:
                 _check_same(name, "weights", value, current, exact_dtype=False)
+        self._check_quota(tensors)
+
+    def _check_quota(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """507 if the new or resized tensors (with their optimizer state) would not fit."""
+        quota = self.limits.max_total_bytes
+        if quota is None or self.total_bytes is None:
+            return
+        added = 0
+        for name, value in tensors.items():
+            current = self.params.get(name)
+            if current is not None and current.shape == value.shape:
+                continue
+            nbytes = value.size * _param_dtype(value.dtype).itemsize
+            added += nbytes * (1 + self.optimizer.state_arrays()) - (
+                0 if current is None else current.nbytes + self.state[name].nbytes
+            )
+        held = self.total_bytes()
+        if added > 0 and held + added > quota:
+            raise InsufficientStorage(
+                f"the server holds {held} bytes of tensors and optimizer state; these tensors "
+                f"would add {added}, over the quota of {quota}",
+                held=held,
+                needed=added,
+                quota=quota,
+            )
 
     def _check_finite(self, name: str, value: np.ndarray, what: str) -> bool:
         """False if the push should be skipped; raises under the reject policy."""
@@ -332,7 +374,7 @@ class Session:
             tensor=name,
         )
 
-    def step(self, push: Push, *, key: str | None, respond: Responder, names: str) -> Reply:
+    def step(self, push: Push, *, key: str | None, respond: Answer, names: str) -> Reply:
         """Apply one push (or replay the answer to an earlier push with the same key).
 
         ``names``: which tensors the answer carries: ``stepped``, ``all`` or ``none``.
@@ -347,6 +389,9 @@ class Session:
             except ProblemError as exc:
                 self._count_rejection(exc.slug, push.worker)
                 raise
+            ticket = None
+            if self.recorder is not None:
+                ticket = self.recorder.stepped(self, push, key, respond, names)
             if apply:
                 lr = self._staleness_scaled(push, lr)
                 for name, value in push.params.items():
@@ -360,6 +405,7 @@ class Session:
                 self._count_rejection("nonfinite-skipped", push.worker)
             chosen = _chosen(names, push, self.params)
             reply = respond(self.version, apply, {n: self.params[n] for n in chosen})
+            reply = reply.with_ticket(ticket)
             if key is not None:
                 self._remember(key, reply, tuple(chosen), apply)
             return reply
@@ -428,12 +474,16 @@ class Session:
                     counts[name] += 1
             for name, total in sums.items():
                 np.divide(total, total.dtype.type(counts[name]), out=total)
+            ticket = None
+            if self.recorder is not None:
+                ticket = self.recorder.round_applied(self, members)
             self.optimizer.update(sums, self.state, self.params, lr=lr)
             self._applied([m.push for m in members])
             replies = []
             for member in members:
                 chosen = _chosen(member.names, member.push, self.params)
                 reply = member.respond(self.version, True, {n: self.params[n] for n in chosen})
+                reply = reply.with_ticket(ticket)
                 if member.key is not None:
                     self._remember(member.key, reply, tuple(chosen), True)
                 replies.append(reply)
@@ -504,7 +554,7 @@ class Session:
             apply = self._check_finite(name, grad, "gradient") and apply
         return lr, apply
 
-    def replay(self, key: str | None, respond: Responder) -> Reply | None:
+    def replay(self, key: str | None, respond: Answer) -> Reply | None:
         """The answer to an earlier push with this idempotency key, or None."""
         if key is None or key not in self._remembered:
             return None
@@ -514,14 +564,16 @@ class Session:
             reply = memo.reply
         else:
             present = [n for n in memo.names if n in self.params]
-            reply = respond(self.version, memo.applied, {n: self.params[n] for n in present})
-        return Reply(reply.body, reply.media_type, reply.version, replayed=True)
+            reply = respond(memo.version, memo.applied, {n: self.params[n] for n in present})
+        return Reply(
+            reply.body, reply.media_type, reply.version, replayed=True, ticket=reply.ticket
+        )
 
     def _remember(self, key: str, reply: Reply, names: tuple[str, ...], applied: bool) -> None:
         if self.limits.idempotency_keys <= 0:
             return
         keep = len(reply.body) <= self.limits.idempotency_bytes // 4
-        memo = _Remembered(reply if keep else None, names, applied)
+        memo = _Remembered(reply if keep else None, names, applied, reply.version)
         self._remembered[key] = memo
         self._remembered_bytes += len(reply.body) if keep else 0
         while len(self._remembered) > self.limits.idempotency_keys or (
@@ -547,7 +599,7 @@ class RoundMember:
 
     push: Push
     key: str | None
-    respond: Responder
+    respond: Answer
     names: str
 
 
@@ -603,6 +655,7 @@ class SessionStore:
     def __init__(self, limits: StoreLimits | None = None, admin_key: str | None = None) -> None:
         self.limits = limits or StoreLimits()
         self.admin_key = admin_key
+        self.recorder: Recorder | None = None
         self._sessions: dict[str, Session] = {}
         self._owners: dict[bytes, str] = {}  # token digest -> session id, to answer 403
         self._lock = threading.Lock()
@@ -613,6 +666,28 @@ class SessionStore:
     def sessions(self) -> list[Session]:
         with self._lock:
             return list(self._sessions.values())
+
+    def total_bytes(self) -> int:
+        # Without the store's lock: callers hold a session's lock (lock order: store first).
+        return sum(s.memory_bytes for s in list(self._sessions.values()))
+
+    def set_recorder(self, recorder: Recorder | None) -> None:
+        """Record every change from now on (None: stop, e.g. while replaying the journal)."""
+        with self._lock:
+            self.recorder = recorder
+            for session in self._sessions.values():
+                session.recorder = recorder
+
+    def sync(self) -> None:
+        """Wait until every change recorded so far is durable."""
+        if self.recorder is not None:
+            self.recorder.sync()
+
+    @staticmethod
+    def new_token() -> tuple[str, bytes]:
+        """A fresh session token and the digest that is all the server keeps of it."""
+        token = secrets.token_urlsafe(32)
+        return token, _digest(token)
 
     def create(
         self,
@@ -626,7 +701,7 @@ class SessionStore:
         id: str | None = None,
     ) -> tuple[Session, str]:
         """A new session and its token (the only time the token is seen in clear)."""
-        token = secrets.token_urlsafe(32)
+        token, digest = self.new_token()
         session = Session(
             name=name or "",
             optimizer=_hyper(lambda: create(optimizer)),
@@ -634,15 +709,25 @@ class SessionStore:
             mode=mode or AsyncMode(),
             nonfinite=nonfinite,
             limits=self.limits,
-            token_digest=_digest(token),
+            token_digest=digest,
             id=id,
         )
+        session.total_bytes = self.total_bytes
         if params:
             session.put_params(params)
         self.add(session)
         return session, token
 
     def add(self, session: Session) -> None:
+        """Hold ``session`` (new, imported or recovered) and record it."""
+        session.total_bytes = self.total_bytes
+        quota = self.limits.max_total_bytes
+        if quota is not None and self.total_bytes() + session.memory_bytes > quota:
+            raise InsufficientStorage(
+                f"the server holds {self.total_bytes()} bytes; this session would add "
+                f"{session.memory_bytes}, over the quota of {quota}",
+                quota=quota,
+            )
         with self._lock:
             if len(self._sessions) >= self.limits.max_sessions:
                 raise LimitExceeded(
@@ -653,6 +738,10 @@ class SessionStore:
                 raise Conflict(f"session {session.id} exists already")
             self._sessions[session.id] = session
             self._owners[session.token_digest] = session.id
+            session.recorder = self.recorder
+            if self.recorder is not None:
+                with session.locked():
+                    self.recorder.created(session)
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -665,6 +754,7 @@ class SessionStore:
         session = self.get(session_id)
         try:
             session.authorize(token, self.admin_key)
+            session.last_used = time.time()
         except Unauthorized:
             owner = self._owners.get(_digest(token)) if token is not None else None
             if owner is not None:
@@ -689,3 +779,19 @@ class SessionStore:
             if session is None:
                 raise NotFound(f"no session {session_id!r}", slug="unknown-session")
             self._owners.pop(session.token_digest, None)
+            session.recorder = None
+            if self.recorder is not None:
+                self.recorder.deleted(session_id)
+
+    def expire(self, idle_s: float) -> list[str]:
+        """Delete the sessions nobody has used for ``idle_s`` seconds; their ids."""
+        cutoff = time.time() - idle_s
+        gone = []
+        for session in self.sessions():
+            if max(session.last_used, session.updated_at) < cutoff:
+                try:
+                    self.delete(session.id)
+                except NotFound:
+                    continue
+                gone.append(session.id)
+        return gone

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,7 @@ def decode_json_tensor(name: str, value: Any, dtype: np.dtype[Any], limits: Limi
         raise InvalidTensor(
             f"tensor {name!r} is not a rectangular array of numbers", tensor=name
         ) from None
-    if array.dtype.kind not in "iuf":
+    if array.dtype.kind not in "iuf" or _holds_booleans(value):
         raise InvalidTensor(
             f"tensor {name!r} must hold only numbers (and be rectangular)", tensor=name
         )
@@ -99,7 +100,23 @@ def decode_json_tensor(name: str, value: Any, dtype: np.dtype[Any], limits: Limi
             slug="tensor-too-large",
             tensor=name,
         )
-    return np.asarray(array, dtype=dtype, order="C")
+    with np.errstate(over="ignore"):
+        out = np.asarray(array, dtype=dtype, order="C")
+    if not np.isfinite(out).all():  # JSON numbers are finite: these overflowed ``dtype``
+        raise InvalidTensor(
+            f"tensor {name!r} holds numbers beyond the range of {dtype} (largest magnitude "
+            f"{float(np.finfo(dtype).max):.7g}): they would be NaN or Inf as {dtype}",
+            tensor=name,
+        )
+    return out
+
+
+def _holds_booleans(value: Any) -> bool:
+    """Whether a rectangular nested list holds true or false (numpy would read them as 1, 0)."""
+    level = value
+    while isinstance(level, list) and level and isinstance(level[0], list):
+        level = list(chain.from_iterable(level))
+    return isinstance(level, list) and bool in set(map(type, level))
 
 
 def json_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -109,7 +126,28 @@ def json_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def encode_json(payload: Any) -> bytes:
     """JSON with numpy arrays as nested lists (NaN and Inf become null)."""
-    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY, default=_json_default)
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY, default=_json_default)
+    except orjson.JSONEncodeError:
+        # orjson refuses integers beyond 64 bits (an option such as a schedule's step_size of
+        # 1e21 arrives as a float and is kept as an int): write those as floats instead.
+        return orjson.dumps(
+            _wide_ints_as_floats(payload),
+            option=orjson.OPT_SERIALIZE_NUMPY,
+            default=_json_default,
+        )
+
+
+def _wide_ints_as_floats(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < 1 << 64 else float(value)
+    if isinstance(value, dict):
+        return {k: _wide_ints_as_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_wide_ints_as_floats(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -138,6 +138,8 @@ def test_session_lifecycle(server: LiveServer) -> None:
         httpx.patch(base, json={"optimizer": {"lr": -1}}, headers=auth(s["token"])), 422, "lr", "-1"
     )
 
+    assert_problem(httpx.get(base, headers={**auth(s["token"]), "Accept": ST}), 406, ST)
+    assert httpx.get(base, headers={**auth(s["token"]), "Accept": "*/*"}).status_code == 200
     assert httpx.delete(base, headers=auth(s["token"])).status_code == 204
     assert_problem(httpx.get(base, headers=auth(s["token"])), 404, s["id"])
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["DTYPES", "SafetensorsError", "allocate", "decode", "encode", "header_bytes"]
+__all__ = ["BYTES", "DTYPES", "SafetensorsError", "allocate", "decode", "encode", "header_bytes"]
 
 #: Dtype names of the format and the numpy dtypes they are (floats: what tensors here are).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -27,7 +27,9 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
 }
-_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+#: Also understood where asked for (decode's ``dtypes``): raw bytes, for internal documents.
+BYTES = {"U8": np.dtype("u1")}
+_NAMES = {dtype: name for name, dtype in {**DTYPES, **BYTES}.items()}
 #: The format caps its header at 100 MB; far less is plenty for any real document.
 MAX_HEADER_BYTES = 16 << 20
 MAX_NAME_LENGTH = 512
@@ -104,6 +106,7 @@ def decode(
     max_tensors: int | None = None,
     max_elements: int | None = None,
     max_rank: int = 64,
+    dtypes: Mapping[str, np.dtype[Any]] = DTYPES,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (views of ``body`` where aligned; writable if ``body`` is) and metadata.
 
@@ -122,9 +125,13 @@ def decode(
         header = json.loads(bytes(view[8 : 8 + header_len]))
     except (UnicodeDecodeError, ValueError) as exc:
         raise SafetensorsError(f"the header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise SafetensorsError("the header is not valid JSON: nested too deeply") from None
     if not isinstance(header, dict):
         raise SafetensorsError("the header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -136,7 +143,8 @@ def decode(
     data_start = 8 + header_len
     data_len = size - data_start
     spans = sorted(
-        _entry(name, entry, data_len, max_elements, max_rank) for name, entry in header.items()
+        _entry(name, entry, data_len, max_elements, max_rank, dtypes)
+        for name, entry in header.items()
     )
     position = 0
     for begin, end, name, _, _ in spans:
@@ -160,17 +168,22 @@ def decode(
 
 
 def _entry(
-    name: str, entry: Any, data_len: int, max_elements: int | None, max_rank: int
+    name: str,
+    entry: Any,
+    data_len: int,
+    max_elements: int | None,
+    max_rank: int,
+    dtypes: Mapping[str, np.dtype[Any]],
 ) -> tuple[int, int, str, np.dtype[Any], tuple[int, ...]]:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise SafetensorsError(f"invalid tensor name {name[:64]!r}")
     if not isinstance(entry, dict):
         raise SafetensorsError(f"the entry of {name!r} must be an object", tensor=name)
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    dtype = dtypes.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise SafetensorsError(
-            f"tensor {name!r} has dtype {dtype_name!r}; supported: {', '.join(DTYPES)}",
+            f"tensor {name!r} has dtype {dtype_name!r}; supported: {', '.join(dtypes)}",
             "dtype",
             name,
         )

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -13,11 +18,14 @@ from optserver.api.routes import health, sessions, state, tensors
 from optserver.api.schemas import REQUEST_MODELS
 from optserver.config import Settings
 from optserver.coordinator import Coordinator
+from optserver.durability import DataDir
 from optserver.metrics import Metrics, MetricsMiddleware
 from optserver.optim import configure_threads
 from optserver.store import SessionStore, StoreLimits
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("optserver")
 
 DESCRIPTION = """
 A parameter server over plain HTTP. Each session holds named tensors and the optimizer state
@@ -38,20 +46,67 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
             max_tensor_elements=settings.max_tensor_elements,
             idempotency_keys=settings.idempotency_keys,
             idempotency_bytes=settings.idempotency_bytes,
+            max_total_bytes=settings.max_total_bytes,
         ),
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
     )
-    app = FastAPI(title="optserver", version=__version__, description=DESCRIPTION)
+    data_dir = None
+    if settings.data_dir is not None:
+        data_dir = DataDir(
+            settings.data_dir,
+            fsync=settings.fsync,
+            fsync_interval_s=settings.fsync_interval_s,
+            snapshot_bytes=settings.snapshot_bytes,
+            snapshot_interval_s=settings.snapshot_interval_s,
+        )
+        data_dir.open(store)  # recovery happens before anything is served
+    coordinator = Coordinator()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_maintenance(settings, store, coordinator, data_dir))
+        try:
+            yield
+        finally:
+            task.cancel()
+            if data_dir is not None:
+                await anyio.to_thread.run_sync(data_dir.close)
+
+    app = FastAPI(
+        title="optserver", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    )
     app.state.settings = settings
     app.state.store = store
     app.state.metrics = metrics = Metrics(store)
-    app.state.coordinator = Coordinator()
+    app.state.coordinator = coordinator
     install_problem_handlers(app)
     for module in (sessions, state, tensors, health):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+async def _maintenance(
+    settings: Settings, store: SessionStore, coordinator: Coordinator, data_dir: DataDir | None
+) -> None:
+    """Expire idle sessions and take periodic snapshots, in the background."""
+    period = 1.0 if settings.session_ttl_s is None else min(1.0, settings.session_ttl_s / 4)
+    while True:
+        await asyncio.sleep(period)
+        try:
+            if settings.session_ttl_s is not None:
+                for session_id in await anyio.to_thread.run_sync(
+                    store.expire, settings.session_ttl_s
+                ):
+                    coordinator.forget(session_id)
+                    log.info(
+                        "session %s expired after %s s idle", session_id, settings.session_ttl_s
+                    )
+            if data_dir is not None and data_dir.due():
+                await anyio.to_thread.run_sync(data_dir.snapshot)
+        except Exception:  # keep maintaining; the next period tries again
+            log.exception("maintenance failed")
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from optserver.api.http import MEDIA, Format
+from optserver.api.http import Format
 from optserver.api.schemas import ParamsRequest, StepRequest, parse_json
 from optserver.config import Settings
 from optserver.errors import InvalidTensor, LimitExceeded, UnprocessableContent
-from optserver.store import Push, Reply, Responder, Session
+from optserver.store import Push, Session
 from optserver.wire import (
     Buffer,
     Limits,
     decode_json_tensor,
     decode_safetensors,
-    encode_json,
-    encode_safetensors,
-    json_tensors,
 )
 
 __all__ = [
@@ -28,8 +26,6 @@ __all__ = [
     "decode_push",
     "decode_tensors_json",
     "limits",
-    "responder",
-    "tensors_reply",
 ]
 
 PARAMS_PREFIX = "params/"
@@ -75,11 +71,17 @@ def decode_params(
     return decode_tensors_json(request.params, _dtype_of(session, request.dtype), limits(settings))
 
 
+_INTEGER = re.compile(r"^[0-9]+$")
+_NUMBER = re.compile(r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$")
+
+
 def _metadata_number(metadata: Mapping[str, str], key: str, kind: type) -> Any:
     raw = metadata.get(key)
     if raw is None or raw == "":
         return None
     try:
+        if not (_INTEGER if kind is int else _NUMBER).match(raw):
+            raise ValueError(raw)  # no "1_0", " 1 " or "nan": plain decimal numbers only
         value = kind(raw)
     except ValueError:
         raise UnprocessableContent(
@@ -130,27 +132,3 @@ def _as_param(name: str, value: np.ndarray) -> np.ndarray:
     if value.dtype.kind != "f":
         raise InvalidTensor(f"weights {name!r} must be floats, got {value.dtype}", tensor=name)
     return value
-
-
-def responder(fmt: Format, *, tensors: bool) -> Responder:
-    """Encodes the answer to a step: version, applied, and (unless ``tensors`` is False) weights."""
-
-    def respond(version: int, applied: bool, chosen: Mapping[str, np.ndarray]) -> Reply:
-        if fmt == "binary":
-            metadata = {"version": str(version), "applied": "true" if applied else "false"}
-            return Reply(encode_safetensors(chosen, metadata), MEDIA[fmt], version)
-        payload: dict[str, Any] = {"version": version, "applied": applied}
-        if tensors:
-            payload["params"] = json_tensors(chosen)
-        return Reply(encode_json(payload), MEDIA[fmt], version)
-
-    return respond
-
-
-def tensors_reply(fmt: Format, version: int, tensors: Mapping[str, np.ndarray]) -> Reply:
-    """Weights and version (GET params)."""
-    if fmt == "binary":
-        return Reply(encode_safetensors(tensors, {"version": str(version)}), MEDIA[fmt], version)
-    return Reply(
-        encode_json({"version": version, "params": json_tensors(tensors)}), MEDIA[fmt], version
-    )

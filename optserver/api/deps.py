@@ -7,12 +7,21 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from optserver.api.http import response_format
 from optserver.config import Settings
 from optserver.coordinator import Coordinator
 from optserver.metrics import Metrics
 from optserver.store import Session, SessionStore
 
-__all__ = ["AdminDep", "CoordinatorDep", "MetricsDep", "SessionDep", "SettingsDep", "StoreDep"]
+__all__ = [
+    "AcceptsJSON",
+    "AdminDep",
+    "CoordinatorDep",
+    "MetricsDep",
+    "SessionDep",
+    "SettingsDep",
+    "StoreDep",
+]
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -59,5 +68,11 @@ def _session(
     return store.open(session_id, _token(credentials))
 
 
+def _answers_json(request: Request) -> None:
+    response_format(request, ("json",))  # 406 unless the client accepts JSON
+
+
 AdminDep = Depends(_admin)
+#: For routes that answer in JSON only: an Accept header that excludes JSON gets 406.
+AcceptsJSON = Depends(_answers_json)
 SessionDep = Annotated[Session, Depends(_session)]

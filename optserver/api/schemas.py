@@ -19,8 +19,10 @@ from optserver.modes import Mode
 from optserver.wire import Buffer
 
 __all__ = [
+    "ADMIN_SECURITY",
     "BINARY",
     "JSON",
+    "PROBLEM",
     "CreateSessionRequest",
     "ParamsRequest",
     "ParamsResponse",
@@ -33,11 +35,14 @@ __all__ = [
     "StepResponse",
     "TensorInfo",
     "parse_json",
+    "problem_responses",
     "request_body",
+    "responses",
 ]
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
+PROBLEM = "application/problem+json"
 
 Tensor = Annotated[
     Any,
@@ -49,6 +54,17 @@ Tensor = Annotated[
     ),
 ]
 Tensors = dict[str, Tensor]
+#: Tensors in JSON answers: NaN and infinities (weights that overflowed) are written as null.
+TensorOut = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "description": "A number (rank 0) or rectangular nested lists of numbers; NaN and "
+            "infinite values are null (safetensors answers carry them exactly).",
+            "anyOf": [{"type": "number"}, {"type": "null"}, {"type": "array", "items": {}}],
+        }
+    ),
+]
 OptimizerConfig = Annotated[
     str | dict[str, Any],
     Field(
@@ -155,7 +171,7 @@ class SessionList(BaseModel):
 
 class ParamsResponse(BaseModel):
     version: int
-    params: Tensors
+    params: dict[str, TensorOut]
 
 
 class PutParamsResponse(BaseModel):
@@ -166,7 +182,9 @@ class PutParamsResponse(BaseModel):
 class StepResponse(BaseModel):
     version: int
     applied: bool = Field(description="False when the push was skipped (nonfinite policy).")
-    params: Tensors | None = Field(None, description="New weights (absent with return=none).")
+    params: dict[str, TensorOut] | None = Field(
+        None, description="New weights (absent with return=none)."
+    )
 
 
 class Problem(BaseModel):
@@ -190,7 +208,7 @@ def parse_json(model: type[M], body: Buffer) -> M:
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}", slug="malformed-json") from None
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)  # as documented: no "5" or true for 5
     except ValidationError as exc:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         first = errors[0]
@@ -203,6 +221,10 @@ def parse_json(model: type[M], body: Buffer) -> M:
 
 
 _BINARY_SCHEMA = {"type": "string", "format": "binary"}
+
+#: ``openapi_extra`` of the admin routes: FastAPI lists the bearer scheme as required; the
+#: empty requirement added to that list says the route is open when no admin key is set.
+ADMIN_SECURITY: dict[str, Any] = {"security": [{}]}
 
 
 def request_body(model: type[BaseModel] | None, binary: str | None = None) -> dict[str, Any]:
@@ -227,21 +249,27 @@ def responses(
         success["model"] = model
     if content:
         success["content"] = content
-    problem = {
-        "model": Problem,
-        "content": {"application/problem+json": {}},
-        "description": "A problem (RFC 9457)",
-    }
     out: dict[int | str, dict[str, Any]] = {status: success}
-    out["4XX"] = problem
-    out["5XX"] = {**problem}
+    out["4XX"] = problem_responses()
+    out["5XX"] = problem_responses()
     return out
 
 
-#: Models referenced only from ``request_body``; the app adds them to the OpenAPI components.
+def problem_responses() -> dict[str, Any]:
+    """A ``responses`` entry for problems: ``application/problem+json`` only (no ``model``,
+    which would also announce ``application/json``)."""
+    return {
+        "description": "A problem (RFC 9457)",
+        "content": {PROBLEM: {"schema": {"$ref": f"#/components/schemas/{Problem.__name__}"}}},
+    }
+
+
+#: Models referenced only by ``$ref`` (request bodies, problems); the app adds them to the
+#: OpenAPI components.
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     CreateSessionRequest,
     PatchSessionRequest,
     ParamsRequest,
     StepRequest,
+    Problem,
 )

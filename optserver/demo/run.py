@@ -85,6 +85,11 @@ def baseline(config: DemoConfig, data: Digits) -> dict[str, Any]:
     }
 
 
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = round(width * min(max(fraction, 0.0), 1.0))
+    return "[green]" + "█" * filled + "[/green]" + "·" * (width - filled)
+
+
 @dataclass
 class _Progress:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -93,6 +98,7 @@ class _Progress:
         table = Table(title=title)
         for column in ("worker", "epoch", "steps", "loss", "train acc", "staleness", "status"):
             table.add_column(column, justify="right")
+        table.add_column("progress", justify="left")
         for worker, row in sorted(self.rows.items()):
             table.add_row(
                 worker,
@@ -102,6 +108,7 @@ class _Progress:
                 f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
                 f"{row['staleness']:.2f}" if "staleness" in row else "-",
                 row.get("status", "training"),
+                _bar(row.get("epoch", 0) / max(1, row.get("epochs", 1))),
             )
         return table
 
@@ -174,7 +181,9 @@ def run_demo(
         )  # fmt: skip
         start = time.perf_counter()
         processes = _spawn_workers(server_url, session, config)
-        progress = _Progress({f"w{k + 1}": {} for k in range(config.workers)})
+        progress = _Progress(
+            {f"w{k + 1}": {"epochs": config.epochs} for k in range(config.workers)}
+        )
         title = (
             f"{config.workers} workers, {config.optimizer}, {config.mode} mode, "
             f"{config.epochs} epochs"

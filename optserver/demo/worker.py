@@ -21,6 +21,8 @@ from optserver.demo.data import Digits, load_digits, shard
 __all__ = ["WorkerPlan", "run_worker"]
 
 Emit = Callable[[dict[str, Any]], None]
+#: Steps between two progress events inside an epoch (for the demo's live table).
+PROGRESS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,18 @@ def run_worker(
             # Steps by other workers between the weights used and this one's own step.
             staleness.append(max(0, session.version - 1 - base))
             steps += 1
+            if steps % PROGRESS_EVERY == 0:
+                recent = float(np.mean(losses[-PROGRESS_EVERY:]))
+                emit(
+                    {
+                        "event": "step",
+                        "worker": plan.worker,
+                        "steps": steps,
+                        "loss": recent,
+                        "staleness": float(np.mean(staleness)),
+                        "version": session.version,
+                    }
+                )
         emit(
             {
                 "event": "epoch",
@@ -111,6 +125,8 @@ def printer(style: Literal["text", "json"]) -> Emit:
     """Progress lines on stdout: JSON for the demo's parent process, text for people."""
 
     def emit(event: dict[str, Any]) -> None:
+        if style == "text" and event["event"] == "step":
+            return  # people get one line an epoch
         if style == "json":
             line = json.dumps(event)
         elif event["event"] == "epoch":

@@ -150,6 +150,13 @@ class Optimizer(ABC, Generic[H, S]):
     def _complete(self, state: S, param: np.ndarray) -> None:
         """Allocate arrays an option needs but the state lacks (an option changed mid-run)."""
 
+    def state_arrays(self) -> int:
+        """How many parameter-sized state arrays a tensor needs with these options."""
+        probe = np.zeros(1)
+        state = self.init_tensor(probe)
+        self._complete(state, probe)
+        return len(state.arrays())
+
     def restore_tensor(
         self, param: np.ndarray, *, step: int, arrays: Mapping[str, np.ndarray]
     ) -> S:

@@ -45,13 +45,24 @@ __all__ = [
 ]
 
 
+#: Integer options are step counts: anything beyond 64 bits is a mistake (and unstorable).
+MAX_INTEGER = 2**63 - 1
+
+
 def _integer(who: str, option: str, value: object) -> int:
     # JSON writers may send 30.0 for 30: integral floats are accepted, bools never are.
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise HyperparameterError(f"{who}: {option} must be an integer, got {value!r}", option=option)
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (integral or (isinstance(value, float) and value.is_integer())):
+        raise HyperparameterError(
+            f"{who}: {option} must be an integer, got {value!r}", option=option
+        )
+    number: int = int(value)  # type: ignore[call-overload]
+    if abs(number) > MAX_INTEGER:
+        raise HyperparameterError(
+            f"{who}: {option} must be at most {MAX_INTEGER} in magnitude, got {value!r}",
+            option=option,
+        )
+    return number
 
 
 def _coerce_option(who: str, option: str, value: object, kind: object) -> object:

@@ -49,6 +49,9 @@ class SGD(Optimizer[SGDHyperparams, SGDState]):
     def init_tensor(self, param: np.ndarray) -> SGDState:
         return SGDState()
 
+    def state_arrays(self) -> int:
+        return 1 if self.hparams.momentum != 0 else 0  # the buffer starts at the first step
+
     def _step(self, p: np.ndarray, g: np.ndarray, state: SGDState, lr: float) -> None:
         h, dt = self.hparams, p.dtype.type
         first = state.momentum_buffer is None

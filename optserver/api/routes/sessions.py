@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from optserver.api.codec import decode_tensors_json, limits
-from optserver.api.deps import AdminDep, CoordinatorDep, SessionDep, SettingsDep, StoreDep
+from optserver.api.deps import (
+    AcceptsJSON,
+    AdminDep,
+    CoordinatorDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+)
 from optserver.api.http import RawResponse, read_body, request_format
 from optserver.api.schemas import (
+    ADMIN_SECURITY,
     JSON,
     CreateSessionRequest,
     PatchSessionRequest,
@@ -33,12 +42,12 @@ def _json(payload: object, status: int = 200, version: int | None = None) -> Raw
 @router.post(
     "",
     status_code=201,
-    dependencies=[AdminDep],
+    dependencies=[AdminDep, AcceptsJSON],
     summary="Create a session",
     description="Creates a session with an optimizer, optionally a mode, a schedule and initial "
     "weights. The answer carries the session's token, shown this once. Sessions may also start "
     "empty: tensors then register on the first step that carries their weights.",
-    openapi_extra=request_body(CreateSessionRequest),
+    openapi_extra={**request_body(CreateSessionRequest), **ADMIN_SECURITY},
     responses=responses(SessionCreated, status=201),
 )
 async def create_session(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
@@ -55,20 +64,27 @@ async def create_session(request: Request, store: StoreDep, settings: SettingsDe
         nonfinite=spec.nonfinite or settings.nonfinite,
         params=params,
     )
+    await run_in_threadpool(store.sync)
     return _json({**session.info(), "token": token}, 201, session.version)
 
 
 @router.get(
     "",
-    dependencies=[AdminDep],
+    dependencies=[AdminDep, AcceptsJSON],
     summary="List sessions",
+    openapi_extra=ADMIN_SECURITY,
     responses=responses(SessionList),
 )
 async def list_sessions(store: StoreDep) -> Response:
     return _json({"sessions": [s.info() for s in store.sessions()]})
 
 
-@router.get("/{session_id}", summary="Session info", responses=responses(SessionInfo))
+@router.get(
+    "/{session_id}",
+    dependencies=[AcceptsJSON],
+    summary="Session info",
+    responses=responses(SessionInfo),
+)
 async def get_session(session: SessionDep) -> Response:
     info = session.info()
     return _json(info, version=info["version"])
@@ -76,6 +92,7 @@ async def get_session(session: SessionDep) -> Response:
 
 @router.patch(
     "/{session_id}",
+    dependencies=[AcceptsJSON],
     summary="Change hyperparameters, schedule, mode or NaN policy",
     description="Only the fields present change; `schedule: null` removes the schedule. The "
     "optimizer's name cannot change (its state would not carry over).",
@@ -86,12 +103,14 @@ async def patch_session(request: Request, session: SessionDep, settings: Setting
     request_format(request, ("json",))
     spec = parse_json(PatchSessionRequest, await read_body(request, settings.max_body_bytes))
     fields = spec.model_fields_set
-    session.configure(
+    ticket = session.configure(
         optimizer=spec.optimizer,
         schedule=spec.schedule if "schedule" in fields else KEEP,
         mode=spec.mode,
         nonfinite=spec.nonfinite,
     )
+    if ticket is not None and session.recorder is not None:
+        await run_in_threadpool(session.recorder.wait, ticket)
     info = session.info()
     return _json(info, version=info["version"])
 
@@ -107,4 +126,5 @@ async def delete_session(
 ) -> Response:
     store.delete(session.id)
     coordinator.forget(session.id)
+    await run_in_threadpool(store.sync)
     return Response(status_code=204)

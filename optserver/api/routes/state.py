@@ -8,9 +8,16 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from optserver.api.codec import limits
-from optserver.api.deps import AdminDep, SessionDep, SettingsDep, StoreDep
+from optserver.api.deps import AcceptsJSON, AdminDep, SessionDep, SettingsDep, StoreDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
-from optserver.api.schemas import BINARY, JSON, SessionCreated, request_body, responses
+from optserver.api.schemas import (
+    ADMIN_SECURITY,
+    BINARY,
+    JSON,
+    SessionCreated,
+    request_body,
+    responses,
+)
 from optserver.snapshot import export_session, import_session
 from optserver.wire import Buffer, decode_safetensors, encode_json, encode_safetensors
 
@@ -25,6 +32,7 @@ EXPORT = (
 @router.get(
     "/{session_id}/state",
     summary="Export the session's complete state",
+    response_class=Response,  # safetensors only: no JSON body to announce
     responses=responses(None, EXPORT),
 )
 async def export_state(request: Request, session: SessionDep) -> Response:
@@ -42,11 +50,11 @@ async def export_state(request: Request, session: SessionDep) -> Response:
 @router.post(
     "/import",
     status_code=201,
-    dependencies=[AdminDep],
+    dependencies=[AdminDep, AcceptsJSON],
     summary="Create a session from an export",
     description="The new session (new id and token) continues bit for bit where the exported "
     "one stood.",
-    openapi_extra=request_body(None, EXPORT),
+    openapi_extra={**request_body(None, EXPORT), **ADMIN_SECURITY},
     responses=responses(SessionCreated, status=201),
 )
 async def import_state(
@@ -61,6 +69,7 @@ async def import_state(
     def load() -> tuple[dict[str, object], str]:
         tensors, metadata = decode_safetensors(body, limits(settings))
         session, token = import_session(store, tensors, metadata, name=name)
+        store.sync()
         return session.info(), token
 
     info, token = await run_in_threadpool(load)

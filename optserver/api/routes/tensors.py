@@ -8,8 +8,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from optserver.api.codec import decode_params, decode_push, responder, tensors_reply
-from optserver.api.deps import CoordinatorDep, MetricsDep, SessionDep, SettingsDep
+from optserver.api.codec import decode_params, decode_push
+from optserver.api.deps import AcceptsJSON, CoordinatorDep, MetricsDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
 from optserver.api.schemas import (
     JSON,
@@ -22,7 +22,7 @@ from optserver.api.schemas import (
     responses,
 )
 from optserver.errors import ProblemError
-from optserver.store import Reply
+from optserver.replies import Answer, Reply, weights_reply
 from optserver.wire import encode_json
 
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["tensors"])
@@ -47,6 +47,7 @@ def _reply(reply: Reply) -> RawResponse:
 
 @router.put(
     "/params",
+    dependencies=[AcceptsJSON],
     summary="Set or replace weights",
     description="Tensors with the shape and dtype they had keep their optimizer state; new "
     "names, or a new shape or dtype, start with fresh state. The version does not change.",
@@ -57,7 +58,9 @@ async def put_params(request: Request, session: SessionDep, settings: SettingsDe
     fmt = request_format(request)
     body = await read_body(request, settings.max_body_bytes)
     tensors = await run_in_threadpool(decode_params, body, fmt, session, settings)
-    await run_in_threadpool(session.put_params, tensors)
+    ticket = await run_in_threadpool(session.put_params, tensors)
+    if ticket is not None and session.recorder is not None:
+        await run_in_threadpool(session.recorder.wait, ticket)
     with session.locked():
         payload = {"version": session.version, "params": session.tensor_info()}
     return RawResponse(
@@ -84,7 +87,7 @@ async def get_params(
 
     def encode() -> Reply:
         with session.locked():
-            return tensors_reply(fmt, session.version, session.select(wanted))
+            return weights_reply(fmt, session.version, session.select(wanted))
 
     return _reply(await run_in_threadpool(encode))
 
@@ -127,7 +130,7 @@ async def step(
         session.reject(exc.slug)
         metrics.rejected.labels(exc.slug).inc()
         raise
-    respond = responder(fmt_out, tensors=return_ != "none")
+    respond = Answer(fmt_out, tensors=return_ != "none")
     start = time.perf_counter()
     try:
         reply = await coordinator.push(
@@ -137,6 +140,9 @@ async def step(
         metrics.rejected.labels(exc.slug).inc()
         raise
     metrics.step_seconds.observe(time.perf_counter() - start)
+    if reply.ticket is not None and session.recorder is not None:
+        # Outside the session's turn: the next push is applied meanwhile (group commit).
+        await run_in_threadpool(session.recorder.wait, reply.ticket)
     if reply.replayed:
         metrics.replays.inc()
     else:

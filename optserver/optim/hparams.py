@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 from optserver.optim.errors import HyperparameterError
 
-__all__ = ["Hyperparams", "require"]
+__all__ = ["MAX_INTEGER", "Hyperparams", "Options", "require"]
 
 
 def require(condition: bool, optimizer: str, option: str, value: object, rule: str) -> None:
@@ -27,70 +28,120 @@ def require(condition: bool, optimizer: str, option: str, value: object, rule: s
         )
 
 
-def _coerce(optimizer: str, option: str, value: object, kind: object) -> object:
+#: Integer options are step counts: anything beyond 64 bits is a mistake (and unstorable).
+MAX_INTEGER = 2**63 - 1
+
+
+def _integer(who: str, option: str, value: object) -> int:
+    # JSON writers may send 30.0 for 30: integral floats are accepted, bools never are.
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (integral or (isinstance(value, float) and value.is_integer())):
+        raise HyperparameterError(
+            f"{who}: {option} must be an integer, got {value!r}", option=option
+        )
+    number: int = int(value)  # type: ignore[call-overload]
+    if abs(number) > MAX_INTEGER:
+        raise HyperparameterError(
+            f"{who}: {option} must be at most {MAX_INTEGER} in magnitude, got {value!r}",
+            option=option,
+        )
+    return number
+
+
+def _coerce(who: str, option: str, value: object, kind: object) -> object:
     """Check one value against its declared type; ints are accepted where floats are."""
     if kind is bool:
         if not isinstance(value, bool):
             raise HyperparameterError(
-                f"{optimizer}: {option} must be true or false, got {value!r}", option=option
+                f"{who}: {option} must be true or false, got {value!r}", option=option
             )
         return value
+    if kind is int:
+        return _integer(who, option, value)
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise HyperparameterError(
-                f"{optimizer}: {option} must be a number, got {value!r}", option=option
+                f"{who}: {option} must be a number, got {value!r}", option=option
             )
         number = float(value)
         if not math.isfinite(number):
             raise HyperparameterError(
-                f"{optimizer}: {option} must be finite, got {value!r}", option=option
+                f"{who}: {option} must be finite, got {value!r}", option=option
             )
         return number
     if typing.get_origin(kind) is tuple:
         items = typing.get_args(kind)
+        if items[-1:] == (Ellipsis,):  # tuple[int, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise HyperparameterError(
+                    f"{who}: {option} must be a list, got {value!r}", option=option
+                )
+            return tuple(
+                _coerce(who, f"{option}[{i}]", item, items[0]) for i, item in enumerate(value)
+            )
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise HyperparameterError(
-                f"{optimizer}: {option} must be a list of {len(items)} numbers, got {value!r}",
+                f"{who}: {option} must be a list of {len(items)} numbers, got {value!r}",
                 option=option,
             )
         return tuple(
-            _coerce(optimizer, f"{option}[{i}]", item, k)
+            _coerce(who, f"{option}[{i}]", item, k)
             for i, (item, k) in enumerate(zip(value, items, strict=True))
         )
-    raise TypeError(f"unsupported hyperparameter type {kind!r} for {option}")  # pragma: no cover
+    raise TypeError(f"unsupported option type {kind!r} for {option}")  # pragma: no cover
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Hyperparams:
-    """Base of every optimizer's hyperparameters. Subclasses add fields and :meth:`validate`."""
+class Options:
+    """Validated options: a frozen dataclass built from untrusted mappings.
 
-    optimizer: ClassVar[str] = "optimizer"
-    lr: float = 1e-3
+    Unknown names, missing required options and wrong types are errors naming the option and
+    the value; subclasses add range checks in :meth:`validate`.
+    """
 
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def who(cls) -> str:
+        """How messages name the owner of these options."""
+        return cls.__name__
+
     def validate(self) -> None:
         """Range checks; raise :class:`HyperparameterError` naming the bad value."""
-        require(self.lr >= 0.0, self.optimizer, "lr", self.lr, ">= 0")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
+    def required(cls) -> tuple[str, ...]:
+        """Options without a default."""
+        return tuple(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        )
+
+    @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Self:
-        """Build from untrusted input: unknown names and wrong types are errors."""
+        """Build from untrusted input."""
         known = cls.names()
         for key in values:
             if key not in known:
+                listed = ", ".join(known) if known else "none"
                 raise HyperparameterError(
-                    f"{cls.optimizer}: unknown option {key!r}; known options: {', '.join(known)}",
+                    f"{cls.who()}: unknown option {key!r}; known options: {listed}",
                     option=str(key),
+                )
+        for key in cls.required():
+            if key not in values:
+                raise HyperparameterError(
+                    f"{cls.who()}: missing required option {key!r}", option=key
                 )
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {
-            key: _coerce(cls.optimizer, key, value, hints[key]) for key, value in values.items()
+            key: _coerce(cls.who(), key, value, hints[key]) for key, value in values.items()
         }
         return cls(**kwargs)
 
@@ -105,3 +156,18 @@ class Hyperparams:
     def replace(self, changes: Mapping[str, Any]) -> Self:
         """A validated copy with some options changed (untrusted input, as in from_mapping)."""
         return self.from_mapping({**self.to_dict(), **changes})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Hyperparams(Options):
+    """Base of every optimizer's hyperparameters. Subclasses add fields and :meth:`validate`."""
+
+    optimizer: ClassVar[str] = "optimizer"
+    lr: float = 1e-3
+
+    @classmethod
+    def who(cls) -> str:
+        return cls.optimizer
+
+    def validate(self) -> None:
+        require(self.lr >= 0.0, self.optimizer, "lr", self.lr, ">= 0")

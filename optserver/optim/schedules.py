@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-import typing
 from bisect import bisect_right
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 from optserver.optim.errors import HyperparameterError, OptimError
-from optserver.optim.hparams import _coerce, require
+from optserver.optim.hparams import Options, require
 
 __all__ = [
     "SCHEDULES",
@@ -45,56 +43,16 @@ __all__ = [
 ]
 
 
-#: Integer options are step counts: anything beyond 64 bits is a mistake (and unstorable).
-MAX_INTEGER = 2**63 - 1
-
-
-def _integer(who: str, option: str, value: object) -> int:
-    # JSON writers may send 30.0 for 30: integral floats are accepted, bools never are.
-    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not (integral or (isinstance(value, float) and value.is_integer())):
-        raise HyperparameterError(
-            f"{who}: {option} must be an integer, got {value!r}", option=option
-        )
-    number: int = int(value)  # type: ignore[call-overload]
-    if abs(number) > MAX_INTEGER:
-        raise HyperparameterError(
-            f"{who}: {option} must be at most {MAX_INTEGER} in magnitude, got {value!r}",
-            option=option,
-        )
-    return number
-
-
-def _coerce_option(who: str, option: str, value: object, kind: object) -> object:
-    """Check one value against its declared type: ``int`` and ``tuple[int, ...]`` here,
-    the rest as for optimizer hyperparameters."""
-    if kind is int:
-        return _integer(who, option, value)
-    if typing.get_origin(kind) is tuple and typing.get_args(kind) == (int, Ellipsis):
-        if not isinstance(value, (list, tuple)):
-            raise HyperparameterError(
-                f"{who}: {option} must be a list of integers, got {value!r}", option=option
-            )
-        return tuple(_integer(who, f"{option}[{i}]", item) for i, item in enumerate(value))
-    return _coerce(who, option, value, kind)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Schedule:
+class Schedule(Options):
     """Base of every schedule. Subclasses add options, :meth:`validate` and :meth:`lr`."""
 
     name: ClassVar[str] = "schedule"
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     @classmethod
     def who(cls) -> str:
         """How messages name this schedule."""
         return f"{cls.name} schedule"
-
-    def validate(self) -> None:
-        """Range checks; raise :class:`HyperparameterError` naming the bad value."""
 
     def lr(self, base_lr: float, step: int) -> float:
         """The learning rate after ``step`` scheduler steps, for a base rate of ``base_lr``."""
@@ -105,57 +63,9 @@ class Schedule:
     def _lr(self, base_lr: float, step: int) -> float:
         raise NotImplementedError
 
-    @classmethod
-    def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def required(cls) -> tuple[str, ...]:
-        """Options without a default (torch's required arguments)."""
-        return tuple(
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        )
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> Self:
-        """Build from untrusted input: unknown names, missing required options and wrong
-        types are errors."""
-        known = cls.names()
-        for key in values:
-            if key not in known:
-                listed = ", ".join(known) if known else "none"
-                raise HyperparameterError(
-                    f"{cls.who()}: unknown option {key!r}; known options: {listed}",
-                    option=str(key),
-                )
-        for key in cls.required():
-            if key not in values:
-                raise HyperparameterError(
-                    f"{cls.who()}: missing required option {key!r}", option=key
-                )
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {
-            key: _coerce_option(cls.who(), key, value, hints[key]) for key, value in values.items()
-        }
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready options (tuples become lists), every option included."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
     def config(self) -> dict[str, Any]:
         """``{"name": ..., **every option}``: enough for :func:`create_schedule` to rebuild it."""
         return {"name": self.name, **self.to_dict()}
-
-    def replace(self, changes: Mapping[str, Any]) -> Self:
-        """A validated copy with some options changed (untrusted input, as in from_mapping)."""
-        return self.from_mapping({**self.to_dict(), **changes})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

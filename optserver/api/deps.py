@@ -29,19 +29,19 @@ _bearer = HTTPBearer(
 )
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def _store(request: Request) -> SessionStore:
+async def _store(request: Request) -> SessionStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics  # type: ignore[no-any-return]
 
 
-def _coordinator(request: Request) -> Coordinator:
+async def _coordinator(request: Request) -> Coordinator:
     return request.app.state.coordinator  # type: ignore[no-any-return]
 
 
@@ -52,15 +52,15 @@ CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _token(credentials: Credentials) -> str | None:
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return None if credentials is None else credentials.credentials
 
 
-def _admin(store: StoreDep, credentials: Credentials) -> None:
+async def _admin(store: StoreDep, credentials: Credentials) -> None:
     store.check_admin(_token(credentials))
 
 
-def _session(
+async def _session(
     session_id: Annotated[str, Path(max_length=64, description="Session id.")],
     store: StoreDep,
     credentials: Credentials,
@@ -68,7 +68,7 @@ def _session(
     return store.open(session_id, _token(credentials))
 
 
-def _answers_json(request: Request) -> None:
+async def _answers_json(request: Request) -> None:
     response_format(request, ("json",))  # 406 unless the client accepts JSON
 
 

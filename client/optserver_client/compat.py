@@ -283,23 +283,15 @@ class DefaultRMSPropOptimizer(Optimizer):
         return type(self)(rho=self.rho)
 
 
-class RMSPropMomentumOptimizer(Optimizer):
+class RMSPropMomentumOptimizer(DefaultRMSPropOptimizer):
     """RMSProp with momentum: ``v = epsilon*v - alpha*g/sqrt(delta + r); w = w + v``."""
 
     def __init__(self, rho: float = 0.9, epsilon: float = 1e-4) -> None:
-        super().__init__()
+        super().__init__(rho)
         self.epsilon = epsilon
-        self.delta = DELTA
-        self.rho = rho
 
     def config(self) -> dict[str, Any]:
-        return {
-            "name": "rmsprop",
-            "alpha": self.rho,
-            "eps": self.delta,
-            "eps_inside_sqrt": True,
-            "momentum": self.epsilon,
-        }
+        return {**super().config(), "momentum": self.epsilon}
 
     def __copy__(self) -> Self:
         return type(self)(rho=self.rho, epsilon=self.epsilon)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from optserver.api.schemas import BINARY, JSON
 from optserver.errors import BadRequest, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from optserver.replies import MEDIA, Format
 from optserver.wire import Buffer, allocate
 
 __all__ = [
@@ -19,9 +18,6 @@ __all__ = [
     "request_format",
     "response_format",
 ]
-
-Format = Literal["json", "binary"]
-MEDIA: dict[Format, str] = {"json": JSON, "binary": BINARY}
 
 
 async def read_body(request: Request, limit: int) -> Buffer:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from optserver.config import NonFinitePolicy
 from optserver.errors import BadRequest, UnprocessableContent
 from optserver.modes import Mode
+from optserver.replies import BINARY, JSON
 from optserver.wire import Buffer
 
 __all__ = [
@@ -40,8 +41,6 @@ __all__ = [
     "responses",
 ]
 
-JSON = "application/json"
-BINARY = "application/octet-stream"
 PROBLEM = "application/problem+json"
 
 Tensor = Annotated[

@@ -37,7 +37,15 @@ from optserver.errors import (
     UnprocessableContent,
 )
 from optserver.modes import AsyncMode, Mode, SSPMode, SyncMode
-from optserver.optim import FLOAT_DTYPES, HyperparameterError, Optimizer, OptState, create
+from optserver.optim import (
+    FLOAT_DTYPES,
+    HyperparameterError,
+    Optimizer,
+    OptState,
+    TensorError,
+    create,
+)
+from optserver.optim.base import check_fits
 from optserver.optim.kernels import count_nonfinite
 from optserver.optim.schedules import Schedule, create_schedule
 from optserver.replies import Answer, Reply
@@ -331,7 +339,7 @@ class Session:
                 )
             current = self.params.get(name)
             if current is not None and not replace_shapes:
-                _check_same(name, "weights", value, current, exact_dtype=False)
+                _check_same(name, "weights", value, current)
         self._check_quota(tensors)
 
     def _check_quota(self, tensors: Mapping[str, np.ndarray]) -> None:
@@ -451,41 +459,41 @@ class Session:
 
     def apply_round(self, members: list[RoundMember]) -> list[Reply]:
         """One step with the mean of the members' gradients (a sync round); each member gets
-        its own answer. Raises, applying nothing, if any push no longer fits."""
+        its own answer. Raises, applying nothing, if any push no longer fits. Under the
+        ``skip`` policy a member whose gradient holds NaN or Inf is left out of the mean (and
+        answered with ``applied: false``); if every member is left out, nothing is applied."""
         with self._lock:
             self.pushes_received += len(members)
             lr: float | None = None
+            finite: list[bool] = []
             try:
                 for member in members:
-                    member_lr, _ = self._validate(member.push)
+                    member_lr, member_finite = self._validate(member.push)
                     lr = member_lr if lr is None else lr
+                    finite.append(member_finite)
             except ProblemError as exc:
                 for member in members:
                     self._count_rejection(exc.slug, member.push.worker)
                 raise
-            sums: dict[str, np.ndarray] = {}
-            counts: Counter[str] = Counter()
-            for member in members:
-                for name, grad in member.push.grads.items():
-                    if name in sums:
-                        np.add(sums[name], grad, out=sums[name])
-                    else:
-                        sums[name] = np.array(grad, dtype=self.params[name].dtype, copy=True)
-                    counts[name] += 1
-            for name, total in sums.items():
-                np.divide(total, total.dtype.type(counts[name]), out=total)
             ticket = None
             if self.recorder is not None:
                 ticket = self.recorder.round_applied(self, members)
-            self.optimizer.update(sums, self.state, self.params, lr=lr)
-            self._applied([m.push for m in members])
+            contributing = [m for m, ok in zip(members, finite, strict=True) if ok]
+            for member, ok in zip(members, finite, strict=True):
+                if not ok:
+                    self._count_rejection("nonfinite-skipped", member.push.worker)
+            if contributing:
+                self.optimizer.update(
+                    _mean(contributing, self.params), self.state, self.params, lr=lr
+                )
+                self._applied([m.push for m in contributing])
             replies = []
-            for member in members:
+            for member, applied in zip(members, finite, strict=True):
                 chosen = _chosen(member.names, member.push, self.params)
-                reply = member.respond(self.version, True, {n: self.params[n] for n in chosen})
+                reply = member.respond(self.version, applied, {n: self.params[n] for n in chosen})
                 reply = reply.with_ticket(ticket)
                 if member.key is not None:
-                    self._remember(member.key, reply, tuple(chosen), True)
+                    self._remember(member.key, reply, tuple(chosen), applied)
                 replies.append(reply)
             return replies
 
@@ -550,7 +558,7 @@ class Session:
                     slug="unknown-tensor",
                     tensor=name,
                 )
-            _check_same(name, "gradient", grad, param, exact_dtype=False)
+            _check_same(name, "gradient", grad, param)
             apply = self._check_finite(name, grad, "gradient") and apply
         return lr, apply
 
@@ -603,34 +611,37 @@ class RoundMember:
     names: str
 
 
+def _mean(members: list[RoundMember], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per tensor, the mean of the gradients the members sent for it (in its dtype)."""
+    sums: dict[str, np.ndarray] = {}
+    counts: Counter[str] = Counter()
+    for member in members:
+        for name, grad in member.push.grads.items():
+            if name in sums:
+                np.add(sums[name], grad, out=sums[name])
+            else:
+                sums[name] = np.array(grad, dtype=params[name].dtype, copy=True)
+            counts[name] += 1
+    for name, total in sums.items():
+        np.divide(total, total.dtype.type(counts[name]), out=total)
+    return sums
+
+
 def _chosen(names: str, push: Push, params: Mapping[str, np.ndarray]) -> list[str]:
     if names == "all":
         return list(params)
     return list(push.grads) if names == "stepped" else []
 
 
-def _check_same(
-    name: str, what: str, value: np.ndarray, param: np.ndarray, *, exact_dtype: bool
-) -> None:
-    if value.shape != param.shape:
+def _check_same(name: str, what: str, value: np.ndarray, param: np.ndarray) -> None:
+    """The core's shape and dtype check, as a problem with the mismatch's details."""
+    try:
+        check_fits(name, what, value, param.shape, _param_dtype(param.dtype))
+    except TensorError as exc:
+        slug = f"{exc.mismatch}-mismatch" if exc.mismatch else "invalid-tensor"
         raise InvalidTensor(
-            f"{what} {name!r} has shape {list(value.shape)}; expected {list(param.shape)}",
-            slug="shape-mismatch",
-            tensor=name,
-            expected=list(param.shape),
-            received=list(value.shape),
-        )
-    target = _param_dtype(param.dtype)
-    ok = value.dtype == target if exact_dtype else np.can_cast(value.dtype, target, "safe")
-    if value.dtype.kind != "f" or not ok:
-        raise InvalidTensor(
-            f"{what} {name!r} has dtype {value.dtype}; expected {target}"
-            + (" (or float16)" if target == np.float32 else " (or float32, float16)"),
-            slug="dtype-mismatch",
-            tensor=name,
-            expected=str(target),
-            received=str(value.dtype),
-        )
+            str(exc), slug=slug, tensor=name, expected=exc.expected, received=exc.received
+        ) from None
 
 
 def _param_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:

@@ -274,3 +274,22 @@ def test_compose_commands_end_to_end(server: LiveServer, tmp_path: Path) -> None
     )
     evaluation = json.loads(result.stdout)
     assert evaluation["version"] == 2 * 23 and evaluation["test_accuracy"] > 0.6
+
+
+def test_sync_round_skips_a_non_finite_gradient_under_the_skip_policy(server: LiveServer) -> None:
+    with Client(server.url) as client:
+        session = client.create_session(
+            {"w": np.zeros(4, np.float32)},
+            {"name": "sgd", "lr": 1.0},
+            mode={"name": "sync", "workers": 2, "timeout_s": 30},
+            nonfinite="skip",
+        )
+        bad = np.array([np.nan, 1.0, 1.0, 1.0], np.float32)
+        answers = push_all(server, session, {"a": bad, "b": np.full(4, 2.0, np.float32)})
+        for answer, _ in answers.values():
+            assert isinstance(answer, dict)
+            assert answer["w"].tolist() == [-2.0] * 4  # the round's mean leaves the NaN out
+        info = session.info()
+    assert info["version"] == 1
+    assert info["workers"]["a"]["rejected_by_reason"] == {"nonfinite-skipped": 1}
+    assert info["workers"]["b"]["applied"] == 1

@@ -76,18 +76,31 @@ def check_param(name: str, param: np.ndarray) -> None:
 
 def check_grad(name: str, grad: np.ndarray, param: np.ndarray) -> None:
     """A gradient must have the parameter's shape and a float dtype no wider than its dtype."""
-    if not isinstance(grad, np.ndarray):
-        raise TensorError(f"gradient {name!r} is not a numpy array", tensor=name)
-    if grad.shape != param.shape:
+    check_fits(name, "gradient", grad, param.shape, param.dtype)
+
+
+def check_fits(
+    name: str, what: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any]
+) -> None:
+    """``value`` (a gradient, or weights) has ``shape`` and a float dtype that casts safely
+    to ``dtype``; a :class:`TensorError` saying which of them does not match otherwise."""
+    if not isinstance(value, np.ndarray):
+        raise TensorError(f"{what} {name!r} is not a numpy array", tensor=name)
+    if value.shape != shape:
         raise TensorError(
-            f"gradient {name!r} has shape {list(grad.shape)}; expected {list(param.shape)}",
+            f"{what} {name!r} has shape {list(value.shape)}; expected {list(shape)}",
             tensor=name,
+            mismatch="shape",
+            expected=list(shape),
+            received=list(value.shape),
         )
-    if grad.dtype.kind != "f" or not np.can_cast(grad.dtype, param.dtype, "safe"):
+    if value.dtype.kind != "f" or not np.can_cast(value.dtype, dtype, "safe"):
         raise TensorError(
-            f"gradient {name!r} has dtype {grad.dtype}; expected {param.dtype} "
-            "or a narrower float dtype",
+            f"{what} {name!r} has dtype {value.dtype}; expected {dtype} or a narrower float dtype",
             tensor=name,
+            mismatch="dtype",
+            expected=str(dtype),
+            received=str(value.dtype),
         )
 
 

@@ -20,8 +20,23 @@ class HyperparameterError(OptimError):
 
 
 class TensorError(OptimError):
-    """A parameter, gradient or state array does not fit (name, shape, dtype, layout)."""
+    """A parameter, gradient or state array does not fit (name, shape, dtype, layout).
 
-    def __init__(self, message: str, *, tensor: str | None = None) -> None:
+    ``mismatch`` is ``"shape"`` or ``"dtype"`` when the tensor does not match what it must
+    (``expected`` and ``received`` then say how), else None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tensor: str | None = None,
+        mismatch: str | None = None,
+        expected: object = None,
+        received: object = None,
+    ) -> None:
         super().__init__(message)
         self.tensor = tensor
+        self.mismatch = mismatch
+        self.expected = expected
+        self.received = received

@@ -13,11 +13,11 @@ import math
 import numbers
 import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 from optserver.optim.errors import HyperparameterError
 
-__all__ = ["MAX_INTEGER", "Hyperparams", "Options", "require"]
+__all__ = ["MAX_INTEGER", "Hyperparams", "Options", "require", "resolve"]
 
 
 def require(condition: bool, optimizer: str, option: str, value: object, rule: str) -> None:
@@ -89,6 +89,35 @@ def _coerce(who: str, option: str, value: object, kind: object) -> object:
             for i, (item, k) in enumerate(zip(value, items, strict=True))
         )
     raise TypeError(f"unsupported option type {kind!r} for {option}")  # pragma: no cover
+
+
+T = TypeVar("T")
+
+
+def resolve(
+    kind: str, config: object, registry: Mapping[str, T], *, noun: str = "a name or an object"
+) -> tuple[T, dict[str, Any]]:
+    """The registry entry named by ``"name"`` or ``{"name": ..., **options}``, and the options.
+
+    ``kind`` is what is being built ("optimizer", "schedule"), for the messages.
+    """
+    if isinstance(config, str):
+        config = {"name": config}
+    if not isinstance(config, Mapping):
+        raise HyperparameterError(f"{kind} must be {noun}, got {config!r}", option=kind)
+    options = dict(config)
+    name = options.pop("name", None)
+    if not isinstance(name, str):
+        raise HyperparameterError(
+            f"{kind} needs a 'name' (one of {', '.join(registry)}), got {name!r}",
+            option="name",
+        )
+    entry = registry.get(name.lower())
+    if entry is None:
+        raise HyperparameterError(
+            f"unknown {kind} {name!r}; available: {', '.join(registry)}", option="name"
+        )
+    return entry, options
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -25,8 +25,8 @@ from bisect import bisect_right
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from optserver.optim.errors import HyperparameterError, OptimError
-from optserver.optim.hparams import Options, require
+from optserver.optim.errors import OptimError
+from optserver.optim.hparams import Options, require, resolve
 
 __all__ = [
     "SCHEDULES",
@@ -253,22 +253,5 @@ def create_schedule(config: str | Mapping[str, Any] | None) -> Schedule | None:
     returns ``None``)."""
     if config is None:
         return None
-    if isinstance(config, str):
-        config = {"name": config}
-    if not isinstance(config, Mapping):
-        raise HyperparameterError(
-            f"schedule must be a name, an object or null, got {config!r}", option="schedule"
-        )
-    options = dict(config)
-    name = options.pop("name", None)
-    if not isinstance(name, str):
-        raise HyperparameterError(
-            f"schedule needs a 'name' (one of {', '.join(SCHEDULES)}), got {name!r}",
-            option="name",
-        )
-    cls = SCHEDULES.get(name.lower())
-    if cls is None:
-        raise HyperparameterError(
-            f"unknown schedule {name!r}; available: {', '.join(SCHEDULES)}", option="name"
-        )
+    cls, options = resolve("schedule", config, SCHEDULES, noun="a name, an object or null")
     return cls.from_mapping(options)

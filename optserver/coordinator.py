@@ -90,6 +90,9 @@ class Coordinator:
         replayed = session.replay(key, respond)
         if replayed is not None:
             return replayed
+        await anyio.to_thread.run_sync(session.check, push)
+        # From here on no await until the push is in the round: what the round holds cannot
+        # change between the duplicate check and the insertion.
         current = self._rounds.get(session.id)
         worker = push.worker or ""
         if current is not None and worker in current.waiting:
@@ -103,8 +106,6 @@ class Coordinator:
                 slug="duplicate-push",
                 round=current.number,
             )
-        await anyio.to_thread.run_sync(session.check, push)
-        current = self._rounds.get(session.id)  # the check ran in a thread: look again
         if current is None:
             number = self._round_numbers.get(session.id, 0) + 1
             self._round_numbers[session.id] = number

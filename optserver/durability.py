@@ -102,6 +102,7 @@ class DataDir:
         self.journal: Journal | None = None
         self.store: SessionStore | None = None
         self._snapshot_lock = threading.Lock()
+        self._snapshot_requested = threading.Event()
         self._last_snapshot = time.monotonic()
 
     # --- start-up ------------------------------------------------------------------------
@@ -301,8 +302,21 @@ class DataDir:
     # --- snapshots -------------------------------------------------------------------------
 
     def _request_snapshot(self) -> None:
-        if not self._snapshot_lock.locked():
-            threading.Thread(target=self.snapshot, name="optserver-snapshot", daemon=True).start()
+        """One snapshot in the background, however many appends ask while it is pending."""
+        if self._snapshot_requested.is_set():
+            return
+        self._snapshot_requested.set()
+
+        def run() -> None:
+            try:
+                with self._snapshot_lock:  # another snapshot may have just folded the journal
+                    due = self.due()
+                if due:
+                    self.snapshot()
+            finally:
+                self._snapshot_requested.clear()
+
+        threading.Thread(target=run, name="optserver-snapshot", daemon=True).start()
 
     def due(self) -> bool:
         """Whether the periodic check should snapshot now."""
@@ -329,8 +343,14 @@ class DataDir:
                     records: dict[str, Any] = {}
                     for session in sessions:
                         own, record = session_tensors(session, private=True)
-                        # Copies: the weights move on as soon as the locks are released.
-                        tensors.update({f"{session.id}/{k}": v.copy() for k, v in own.items()})
+                        # Weights and state move on as soon as the locks are released: copy
+                        # them (remembered answers never change: no copy).
+                        tensors.update(
+                            {
+                                f"{session.id}/{k}": v if k.startswith("memo/") else v.copy()
+                                for k, v in own.items()
+                            }
+                        )
                         records[session.id] = record.model_dump(mode="json")
                 finally:
                     for session in sessions:
@@ -351,11 +371,14 @@ class DataDir:
             ).decode(),
             "optserver.crc32": str(crc),
         }
-        body = safetensors_io.encode(tensors, metadata)
         final = self.path / f"snapshot-{number:08d}.safetensors"
         temporary = self.path / f"snapshot.tmp-{number:08d}"
+        size = 0
         with open(temporary, "wb") as f:
-            f.write(body)
+            # Header, then each tensor straight from its array: no document-sized buffer.
+            size += f.write(safetensors_io.header_bytes(tensors, metadata))
+            for array in tensors.values():
+                size += f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, final)
@@ -367,7 +390,7 @@ class DataDir:
         for segment in segments(self.path):
             if segment.number < number:
                 segment.path.unlink()
-        log.info("snapshot %s: %d sessions, %d bytes", final.name, len(records), len(body))
+        log.info("snapshot %s: %d sessions, %d bytes", final.name, len(records), size)
         return final
 
     def close(self, *, snapshot: bool = True) -> None:

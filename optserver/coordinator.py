@@ -67,15 +67,13 @@ class Coordinator:
         if pending is not None:
             self._fail(pending, Conflict("the session was deleted", slug="round-failed"))
 
-    async def push(
-        self, session: Session, push: Push, *, key: str | None, respond: Answer, names: str
-    ) -> Reply:
+    async def push(self, session: Session, push: Push, *, key: str | None, answer: Answer) -> Reply:
         """Apply ``push`` (async and ssp modes) or add it to the session's round (sync)."""
         if isinstance(session.mode, SyncMode):
-            return await self._join_round(session, session.mode, push, key, respond, names)
+            return await self._join_round(session, session.mode, push, key, answer)
         async with self.turn(session.id):
             return await anyio.to_thread.run_sync(
-                lambda: session.step(push, key=key, respond=respond, names=names)
+                lambda: session.step(push, key=key, answer=answer)
             )
 
     async def _join_round(
@@ -84,10 +82,9 @@ class Coordinator:
         mode: SyncMode,
         push: Push,
         key: str | None,
-        respond: Answer,
-        names: str,
+        answer: Answer,
     ) -> Reply:
-        replayed = session.replay(key, respond)
+        replayed = session.replay(key, answer)
         if replayed is not None:
             return replayed
         await anyio.to_thread.run_sync(session.check, push)
@@ -113,7 +110,7 @@ class Coordinator:
             loop = asyncio.get_running_loop()
             current.timer = loop.call_later(mode.timeout_s, self._deadline, session, mode, current)
         waiting = _Waiting(
-            RoundMember(push, key, respond, names), asyncio.get_running_loop().create_future()
+            RoundMember(push, key, answer), asyncio.get_running_loop().create_future()
         )
         current.waiting[worker] = waiting
         if len(current.waiting) >= mode.workers:

@@ -74,6 +74,10 @@ def _decode(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return orjson.loads(metadata["event"]), tensors
 
 
+def _answer(event: dict[str, Any]) -> Answer:
+    return Answer(event["answer"]["fmt"], event["answer"]["returns"])
+
+
 def _prefixed(prefix: str, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {f"{prefix}{name}": array for name, array in tensors.items()}
 
@@ -186,19 +190,11 @@ class DataDir:
             session.put_params(tensors)
         elif kind == "step":
             session.step(
-                self._push(event, tensors, ""),
-                key=event.get("key"),
-                respond=Answer(event["answer"]["fmt"], event["answer"]["tensors"]),
-                names=event["names"],
+                self._push(event, tensors, ""), key=event.get("key"), answer=_answer(event)
             )
         elif kind == "round":
             members = [
-                RoundMember(
-                    self._push(m, tensors, f"m{i}/"),
-                    m.get("key"),
-                    Answer(m["answer"]["fmt"], m["answer"]["tensors"]),
-                    m["names"],
-                )
+                RoundMember(self._push(m, tensors, f"m{i}/"), m.get("key"), _answer(m))
                 for i, m in enumerate(event["members"])
             ]
             session.apply_round(members)
@@ -243,23 +239,20 @@ class DataDir:
         return self._append({"type": "params", "session": session.id}, tensors)
 
     @staticmethod
-    def _push_event(push: Push, key: str | None, answer: Answer, names: str) -> dict[str, Any]:
+    def _push_event(push: Push, key: str | None, answer: Answer) -> dict[str, Any]:
         return {
             "lr": push.lr,
             "base_version": push.base_version,
             "worker": push.worker,
             "key": key,
-            "answer": {"fmt": answer.fmt, "tensors": answer.tensors},
-            "names": names,
+            "answer": {"fmt": answer.fmt, "returns": answer.returns},
         }
 
-    def stepped(
-        self, session: Session, push: Push, key: str | None, answer: Answer, names: str
-    ) -> int:
+    def stepped(self, session: Session, push: Push, key: str | None, answer: Answer) -> int:
         event = {
             "type": "step",
             "session": session.id,
-            **self._push_event(push, key, answer, names),
+            **self._push_event(push, key, answer),
         }
         return self._append(event, {**_prefixed("g/", push.grads), **_prefixed("p/", push.params)})
 
@@ -268,7 +261,7 @@ class DataDir:
         described = []
         for i, m in enumerate(members):
             tensors.update(_prefixed(f"m{i}/g/", m.push.grads))
-            described.append(self._push_event(m.push, m.key, m.respond, m.names))
+            described.append(self._push_event(m.push, m.key, m.answer))
         return self._append({"type": "round", "session": session.id, "members": described}, tensors)
 
     def configured(self, session: Session) -> int:

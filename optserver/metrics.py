@@ -25,12 +25,6 @@ _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 class Metrics:
     def __init__(self, store: SessionStore) -> None:
         r = self.registry = CollectorRegistry()
-        self.steps = Counter("optserver_steps_applied", "Optimizer steps applied.", registry=r)
-        self.pushes = Counter("optserver_pushes_received", "Gradient pushes received.", registry=r)
-        self.rejected = Counter(
-            "optserver_pushes_rejected", "Pushes refused or skipped, by reason.", ["reason"],
-            registry=r,
-        )  # fmt: skip
         self.replays = Counter(
             "optserver_idempotent_replays", "Pushes answered from the idempotency memory.",
             registry=r,
@@ -58,7 +52,7 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         memory.set_function(lambda: sum(s.memory_bytes for s in store.sessions()))
-        r.register(WorkerCollector(store))
+        r.register(SessionCollector(store))
 
 
 def _buckets(histogram: StalenessHistogram) -> list[tuple[str, float]]:
@@ -70,9 +64,10 @@ def _buckets(histogram: StalenessHistogram) -> list[tuple[str, float]]:
     return out
 
 
-class WorkerCollector:
-    """Per-session and per-worker bookkeeping, read from the store at scrape time (so deleted
-    sessions and forgotten workers simply disappear)."""
+class SessionCollector:
+    """The server's step and push totals, and per-session and per-worker bookkeeping, read
+    from the store at scrape time: counted once, where they happen (a sync round is one step),
+    and deleted sessions and forgotten workers simply disappear from the per-session series."""
 
     def __init__(self, store: SessionStore) -> None:
         self.store = store
@@ -81,6 +76,17 @@ class WorkerCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        steps = CounterMetricFamily("optserver_steps_applied", "Optimizer steps applied.")
+        received = CounterMetricFamily("optserver_pushes_received", "Gradient pushes received.")
+        refused = CounterMetricFamily(
+            "optserver_pushes_rejected", "Pushes refused or skipped, by reason.", labels=["reason"]
+        )
+        totals = self.store.totals()
+        steps.add_metric([], totals["steps_applied"])
+        received.add_metric([], totals["pushes_received"])
+        for reason, count in sorted(totals["rejected"].items()):
+            refused.add_metric([reason], count)
+        yield from (steps, received, refused)
         labels = ["session", "worker"]
         staleness = HistogramMetricFamily(
             "optserver_push_staleness",

@@ -7,7 +7,7 @@ a retried push arrives after a restart.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from optserver.wire import Buffer, encode_json, encode_safetensors, json_tensors
 
-__all__ = ["BINARY", "JSON", "Answer", "Format", "Reply", "weights_reply"]
+__all__ = ["BINARY", "JSON", "Answer", "Format", "Reply", "Returns", "weights_reply"]
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -38,19 +38,29 @@ class Reply:
         return replace(self, ticket=ticket)
 
 
+#: Which weights the answer to a push carries: those pushed, every tensor, or none.
+Returns = Literal["stepped", "all", "none"]
+
+
 @dataclass(frozen=True)
 class Answer:
-    """How a push is answered: its encoding, and whether the weights come back."""
+    """How a push is answered: its encoding, and which weights come back."""
 
     fmt: Format
-    tensors: bool = True
+    returns: Returns = "stepped"
+
+    def names(self, pushed: Iterable[str], held: Iterable[str]) -> list[str]:
+        """The tensors to answer with, given the names pushed and those the session holds."""
+        if self.returns == "all":
+            return list(held)
+        return list(pushed) if self.returns == "stepped" else []
 
     def __call__(self, version: int, applied: bool, chosen: Mapping[str, np.ndarray]) -> Reply:
         if self.fmt == "binary":
             metadata = {"version": str(version), "applied": "true" if applied else "false"}
             return Reply(encode_safetensors(chosen, metadata), BINARY, version)
         payload: dict[str, Any] = {"version": version, "applied": applied}
-        if self.tensors:
+        if self.returns != "none":
             payload["params"] = json_tensors(chosen)
         return Reply(encode_json(payload), JSON, version)
 

@@ -99,9 +99,7 @@ class Recorder(Protocol):
 
     def created(self, session: Session) -> int: ...
     def params_put(self, session: Session, tensors: Mapping[str, np.ndarray]) -> int: ...
-    def stepped(
-        self, session: Session, push: Push, key: str | None, answer: Answer, names: str
-    ) -> int: ...
+    def stepped(self, session: Session, push: Push, key: str | None, answer: Answer) -> int: ...
     def round_applied(self, session: Session, members: list[RoundMember]) -> int: ...
     def configured(self, session: Session) -> int: ...
     def deleted(self, session_id: str) -> int: ...
@@ -229,6 +227,14 @@ class Session:
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
             }
+
+    def counters(self) -> Counter[str]:
+        """This session's counts, flat (``rejected:<reason>`` for rejections)."""
+        counts = Counter(
+            {"steps_applied": self.steps_applied, "pushes_received": self.pushes_received}
+        )
+        counts.update({f"rejected:{reason}": n for reason, n in self.rejected.items()})
+        return counts
 
     # --- changing ------------------------------------------------------------------------
 
@@ -382,13 +388,10 @@ class Session:
             tensor=name,
         )
 
-    def step(self, push: Push, *, key: str | None, respond: Answer, names: str) -> Reply:
-        """Apply one push (or replay the answer to an earlier push with the same key).
-
-        ``names``: which tensors the answer carries: ``stepped``, ``all`` or ``none``.
-        """
+    def step(self, push: Push, *, key: str | None, answer: Answer) -> Reply:
+        """Apply one push (or replay the answer to an earlier push with the same key)."""
         with self._lock:
-            replayed = self.replay(key, respond)
+            replayed = self.replay(key, answer)
             if replayed is not None:
                 return replayed
             self.pushes_received += 1
@@ -399,7 +402,7 @@ class Session:
                 raise
             ticket = None
             if self.recorder is not None:
-                ticket = self.recorder.stepped(self, push, key, respond, names)
+                ticket = self.recorder.stepped(self, push, key, answer)
             if apply:
                 lr = self._staleness_scaled(push, lr)
                 for name, value in push.params.items():
@@ -411,8 +414,8 @@ class Session:
                 self._applied([push])
             else:
                 self._count_rejection("nonfinite-skipped", push.worker)
-            chosen = _chosen(names, push, self.params)
-            reply = respond(self.version, apply, {n: self.params[n] for n in chosen})
+            chosen = answer.names(push.grads, self.params)
+            reply = answer(self.version, apply, {n: self.params[n] for n in chosen})
             reply = reply.with_ticket(ticket)
             if key is not None:
                 self._remember(key, reply, tuple(chosen), apply)
@@ -489,8 +492,8 @@ class Session:
                 self._applied([m.push for m in contributing])
             replies = []
             for member, applied in zip(members, finite, strict=True):
-                chosen = _chosen(member.names, member.push, self.params)
-                reply = member.respond(self.version, applied, {n: self.params[n] for n in chosen})
+                chosen = member.answer.names(member.push.grads, self.params)
+                reply = member.answer(self.version, applied, {n: self.params[n] for n in chosen})
                 reply = reply.with_ticket(ticket)
                 if member.key is not None:
                     self._remember(member.key, reply, tuple(chosen), applied)
@@ -562,7 +565,7 @@ class Session:
             apply = self._check_finite(name, grad, "gradient") and apply
         return lr, apply
 
-    def replay(self, key: str | None, respond: Answer) -> Reply | None:
+    def replay(self, key: str | None, answer: Answer) -> Reply | None:
         """The answer to an earlier push with this idempotency key, or None."""
         if key is None or key not in self._remembered:
             return None
@@ -572,7 +575,7 @@ class Session:
             reply = memo.reply
         else:
             present = [n for n in memo.names if n in self.params]
-            reply = respond(memo.version, memo.applied, {n: self.params[n] for n in present})
+            reply = answer(memo.version, memo.applied, {n: self.params[n] for n in present})
         return Reply(
             reply.body, reply.media_type, reply.version, replayed=True, ticket=reply.ticket
         )
@@ -607,8 +610,7 @@ class RoundMember:
 
     push: Push
     key: str | None
-    respond: Answer
-    names: str
+    answer: Answer
 
 
 def _mean(members: list[RoundMember], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -625,12 +627,6 @@ def _mean(members: list[RoundMember], params: Mapping[str, np.ndarray]) -> dict[
     for name, total in sums.items():
         np.divide(total, total.dtype.type(counts[name]), out=total)
     return sums
-
-
-def _chosen(names: str, push: Push, params: Mapping[str, np.ndarray]) -> list[str]:
-    if names == "all":
-        return list(params)
-    return list(push.grads) if names == "stepped" else []
 
 
 def _check_same(name: str, what: str, value: np.ndarray, param: np.ndarray) -> None:
@@ -667,6 +663,8 @@ class SessionStore:
         self.limits = limits or StoreLimits()
         self.admin_key = admin_key
         self.recorder: Recorder | None = None
+        #: Counters of deleted sessions, so that the server's totals never go down.
+        self._retired: Counter[str] = Counter()
         self._sessions: dict[str, Session] = {}
         self._owners: dict[bytes, str] = {}  # token digest -> session id, to answer 403
         self._lock = threading.Lock()
@@ -677,6 +675,20 @@ class SessionStore:
     def sessions(self) -> list[Session]:
         with self._lock:
             return list(self._sessions.values())
+
+    def totals(self) -> dict[str, Any]:
+        """Steps applied, pushes received and rejections by reason, over every session this
+        server has held (since it started)."""
+        counts = Counter(self._retired)
+        for session in self.sessions():
+            with session.locked():
+                counts.update(session.counters())
+        rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
+        return {
+            "steps_applied": counts["steps_applied"],
+            "pushes_received": counts["pushes_received"],
+            "rejected": rejected,
+        }
 
     def total_bytes(self) -> int:
         # Without the store's lock: callers hold a session's lock (lock order: store first).
@@ -791,6 +803,8 @@ class SessionStore:
                 raise NotFound(f"no session {session_id!r}", slug="unknown-session")
             self._owners.pop(session.token_digest, None)
             session.recorder = None
+            with session.locked():
+                self._retired.update(session.counters())
             if self.recorder is not None:
                 self.recorder.deleted(session_id)
 

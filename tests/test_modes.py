@@ -17,7 +17,7 @@ from optserver_client import Client, ConflictError, Session, StaleGradientError
 
 from optserver.demo import mlp
 from optserver.demo.data import load_digits
-from tests.live import LiveServer
+from tests.live import LiveServer, live_server
 
 
 def sync_session(client: Client, workers: int, timeout: float, **mode: Any) -> Session:
@@ -293,3 +293,17 @@ def test_sync_round_skips_a_non_finite_gradient_under_the_skip_policy(server: Li
     assert info["version"] == 1
     assert info["workers"]["a"]["rejected_by_reason"] == {"nonfinite-skipped": 1}
     assert info["workers"]["b"]["applied"] == 1
+
+
+def test_server_totals_count_a_sync_round_as_one_step() -> None:
+    with live_server() as server, Client(server.url) as client:
+        session = sync_session(client, 3, 30)
+        grads = {f"w{k}": np.ones(4, np.float32) for k in range(3)}
+        push_all(server, session, grads)
+        with pytest.raises(StaleGradientError):
+            session.step({"w": np.ones(4, np.float32)}, worker="w0", base_version=0)
+        session.delete()  # totals include deleted sessions
+        text = httpx.get(server.url + "/metrics").text
+    assert "optserver_steps_applied_total 1.0" in text
+    assert "optserver_pushes_received_total 4.0" in text
+    assert 'optserver_pushes_rejected_total{reason="stale-gradient"} 1.0' in text

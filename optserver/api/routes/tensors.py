@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +22,7 @@ from optserver.api.schemas import (
     responses,
 )
 from optserver.errors import ProblemError
-from optserver.replies import Answer, Reply, weights_reply
+from optserver.replies import Answer, Reply, Returns, weights_reply
 from optserver.wire import encode_json
 
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["tensors"])
@@ -110,15 +110,12 @@ async def step(
     settings: SettingsDep,
     metrics: MetricsDep,
     coordinator: CoordinatorDep,
-    return_: Annotated[
-        Literal["stepped", "all", "none"], Query(alias="return", description="What comes back.")
-    ] = "stepped",
+    return_: Annotated[Returns, Query(alias="return", description="What comes back.")] = "stepped",
     idempotency_key: Annotated[
         str | None, Header(max_length=256, description="Makes retries safe.")
     ] = None,
 ) -> Response:
     fmt_out = response_format(request)
-    metrics.pushes.inc()
     try:
         fmt_in = request_format(request)
         body = await read_body(request, settings.max_body_bytes)
@@ -128,23 +125,14 @@ async def step(
             push = decode_push(body, fmt_in, session, settings)
     except ProblemError as exc:
         session.reject(exc.slug)
-        metrics.rejected.labels(exc.slug).inc()
         raise
-    respond = Answer(fmt_out, tensors=return_ != "none")
+    answer = Answer(fmt_out, return_)
     start = time.perf_counter()
-    try:
-        reply = await coordinator.push(
-            session, push, key=idempotency_key, respond=respond, names=return_
-        )
-    except ProblemError as exc:
-        metrics.rejected.labels(exc.slug).inc()
-        raise
+    reply = await coordinator.push(session, push, key=idempotency_key, answer=answer)
     metrics.step_seconds.observe(time.perf_counter() - start)
     if reply.ticket is not None and session.recorder is not None:
         # Outside the session's turn: the next push is applied meanwhile (group commit).
         await run_in_threadpool(session.recorder.wait, reply.ticket)
     if reply.replayed:
         metrics.replays.inc()
-    else:
-        metrics.steps.inc()
     return _reply(reply)

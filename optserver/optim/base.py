@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import numpy as np
 
 from optserver.optim.errors import TensorError
-from optserver.optim.hparams import Hyperparams
+from optserver.optim.hparams import Hyperparams, _coerce, require
 
 __all__ = ["FLOAT_DTYPES", "OptState", "Optimizer", "TensorState", "check_grad", "check_param"]
 
@@ -239,5 +239,7 @@ class Optimizer(ABC, Generic[H, S]):
             self._apply(params[name], grad, state[name], rate)  # type: ignore[arg-type]
 
     def check_lr(self, lr: float) -> None:
-        """Validate a per-step learning-rate override as strictly as the configured one."""
-        self.hparams.replace({"lr": lr})
+        """Validate a per-step learning-rate override as strictly as the configured one (the
+        same coercion and rule, without rebuilding every hyperparameter on each step)."""
+        value = float(_coerce(self.name, "lr", lr, float))  # type: ignore[arg-type]
+        require(value >= 0.0, self.name, "lr", lr, ">= 0")

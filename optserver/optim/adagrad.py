@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -53,14 +54,28 @@ class Adagrad(Optimizer[AdagradHyperparams, AdagradState]):
     def init_tensor(self, param: np.ndarray) -> AdagradState:
         return AdagradState(sum=np.full_like(param, self.hparams.initial_accumulator_value))
 
-    def _step(self, p: np.ndarray, g: np.ndarray, state: AdagradState, lr: float) -> None:
+    def output_bound(self, lr: float, bound: float) -> float:
+        h = self.hparams
+        if not h.eps > 0:
+            return math.inf  # sum may be 0: 0/0
+        g = bound * (1 + h.weight_decay)
+        clr = abs(lr)  # lr_decay >= 0 and t >= 1: clr <= lr
+        total = bound * bound + g * g
+        return max(total, clr * g, bound + clr * g / h.eps)
+
+    def _step(
+        self, p: np.ndarray, g: np.ndarray, state: AdagradState, lr: float, bound: float,
+        bound_sq: float,
+    ) -> bool:  # fmt: skip
         h, dt = self.hparams, p.dtype.type
         clr = lr / (1 + (state.step - 1) * h.lr_decay)
-        kernels.run(
+        return kernels.run(
             kernels.adagrad(decay=h.weight_decay != 0),
             (p, g, state.sum),
             dt(-clr),
             dt(-1 if h.maximize else 1),
             dt(h.weight_decay),
             dt(h.eps),
+            dt(bound),
+            dt(bound_sq),
         )

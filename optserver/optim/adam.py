@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -76,12 +77,28 @@ class Adam(Optimizer[AdamHyperparams, AdamState]):
         if self.hparams.amsgrad and state.max_exp_avg_sq is None:
             state.max_exp_avg_sq = np.zeros_like(param)
 
-    def _step(self, p: np.ndarray, g: np.ndarray, state: AdamState, lr: float) -> None:
+    def output_bound(self, lr: float, bound: float) -> float:
+        h = self.hparams
+        if not h.eps > 0:
+            return math.inf  # a zero gradient at step 1: 0/0
+        beta1, beta2 = h.betas
+        decoupled = h.decoupled_weight_decay
+        weights = bound * abs(1 - lr * h.weight_decay) if decoupled else bound
+        g = bound if decoupled else bound + h.weight_decay * weights
+        m = max(bound, g) + 0.5 * (g + bound)  # lerp with a coefficient of at most 1/2
+        v = beta2 * bound * bound + (1 - beta2) * g * g
+        step_size = abs(lr) / (1 - beta1)  # 1 - beta1**t is smallest at t = 1
+        return max(weights, g, m, v, step_size * m, weights + step_size * m / h.eps)
+
+    def _step(
+        self, p: np.ndarray, g: np.ndarray, state: AdamState, lr: float, bound: float,
+        bound_sq: float,
+    ) -> bool:  # fmt: skip
         h, dt = self.hparams, p.dtype.type
         beta1, beta2 = h.betas
         t = state.step
         decoupled = h.decoupled_weight_decay
-        kernels.run(
+        return kernels.run(
             kernels.adam(amsgrad=h.amsgrad, decay=h.weight_decay != 0 and not decoupled),
             (p, g, state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq),
             dt(-lr / (1 - beta1**t)),
@@ -93,6 +110,8 @@ class Adam(Optimizer[AdamHyperparams, AdamState]):
             dt(1 - beta2),
             dt((1 - beta2**t) ** 0.5),
             dt(h.eps),
+            dt(bound),
+            dt(bound_sq),
         )
 
 

@@ -7,24 +7,60 @@ gigabytes per step is what it must not do.
 
 State is kept per tensor, as in torch.optim: each tensor has its own step count (the ``t`` of
 bias correction), so a push that names a subset of the tensors steps only those.
+
+Finite steps. ``update(..., finite=True)`` is atomic with respect to NaN and Inf: either every
+weight and state value it writes is finite, or it raises :class:`NonFiniteStep` with everything
+as it was. Undoing an in-place step needs the old values, and copying them costs more than the
+step itself, so copies are taken only for the tensors where a non-finite result is possible:
+
+- every kernel reports whether any value it wrote exceeds the dtype's magnitude bound
+  ``R = finfo.max ** (1/4)`` (``R**2`` for state holding squares); a tensor whose last write
+  stayed inside is *checked* (``TensorState.unchecked`` is False);
+- each optimizer bounds its outputs from its hyperparameters when every input is inside
+  (:meth:`Optimizer.output_bound`); if that bound is far below ``finfo.max``, a checked tensor
+  with a gradient inside ``R`` cannot produce NaN or Inf;
+- any other tensor is stepped first, with a copy of its weights and state, and restored if the
+  step left a value that is not finite.
+
+So ordinary training (weights and gradients far below 1e9 in float32) pays one compare per
+output and no copy; a tensor near the edge pays a copy per step until its values are small again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import numpy as np
 
-from optserver.optim.errors import TensorError
+from optserver.optim import kernels
+from optserver.optim.errors import HyperparameterError, NonFiniteStep, TensorError
 from optserver.optim.hparams import Hyperparams, _coerce, require
 
-__all__ = ["FLOAT_DTYPES", "OptState", "Optimizer", "TensorState", "check_grad", "check_param"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "OptState",
+    "Optimizer",
+    "TensorState",
+    "check_grad",
+    "check_param",
+    "magnitude_bound",
+]
 
 #: Parameter dtypes the optimizers compute in; state arrays take the parameter's dtype.
 FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: An output bound at most this fraction of ``finfo.max`` leaves room for rounding.
+_HEADROOM = 1 / 16
+
+
+def magnitude_bound(dtype: np.dtype[Any]) -> float:
+    """``R``: values of at most this magnitude (squares: ``R**2``) are "inside" (see above).
+    ``finfo.max ** (1/4)``: 1.4e9 for float32, 1.2e77 for float64."""
+    return math.pow(float(np.finfo(dtype).max), 0.25)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -36,6 +72,11 @@ class TensorState:
     """
 
     step: int = 0
+    #: False while every value of the tensor (weights and state) is known to be inside the
+    #: magnitude bound; True after a write that was not checked or went outside it.
+    unchecked: bool = dataclasses.field(default=True, compare=False)
+    #: The weights or the state hold NaN or Inf (only possible with ``finite=False`` steps).
+    nonfinite: bool = dataclasses.field(default=False, compare=False)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The state arrays that exist, by name (views, not copies)."""
@@ -48,12 +89,34 @@ class TensorState:
 
     @classmethod
     def array_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "step")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _FLAGS)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything :meth:`rollback` needs to undo a step (array fields copied)."""
+        saved: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            saved[f.name] = value.copy() if isinstance(value, np.ndarray) else value
+        return saved
+
+    def rollback(self, saved: Mapping[str, Any]) -> None:
+        """Return to a :meth:`checkpoint`, in place (arrays keep their identity)."""
+        for name, value in saved.items():
+            current = getattr(self, name)
+            if isinstance(value, np.ndarray) and isinstance(current, np.ndarray):
+                np.copyto(current, value)
+            else:
+                setattr(self, name, value)  # step, flags, or an array the step allocated
+
+    def holds_nonfinite(self) -> bool:
+        return any(kernels.count_nonfinite(a) for a in self.arrays().values())
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays().values())
 
+
+_FLAGS = frozenset({"step", "unchecked", "nonfinite"})
 
 #: The state of a whole model: tensor name -> that tensor's state.
 OptState = dict[str, TensorState]
@@ -151,14 +214,50 @@ class Optimizer(ABC, Generic[H, S]):
         check_grad("grad", grad, param)
         self._apply(param, grad, state, self.hparams.lr if lr is None else lr)
 
-    def _apply(self, param: np.ndarray, grad: np.ndarray, state: S, lr: float) -> None:
+    def _apply(self, param: np.ndarray, grad: np.ndarray, state: S, lr: float) -> bool:
+        """Step one tensor; whether a written value went outside the magnitude bound (then
+        the tensor is left unchecked, and flagged if it now holds NaN or Inf)."""
         self._complete(state, param)
         state.step += 1
-        self._step(param, np.asarray(grad, dtype=param.dtype, order="C"), state, lr)
+        bound = magnitude_bound(param.dtype)
+        outside = self._step(
+            param, np.asarray(grad, dtype=param.dtype, order="C"), state, lr, bound, bound * bound
+        )
+        state.unchecked = outside
+        # Inside the bound means finite; outside is rare (values near the edge): look closer.
+        state.nonfinite = outside and (
+            bool(kernels.count_nonfinite(param)) or state.holds_nonfinite()
+        )
+        return outside
 
     @abstractmethod
-    def _step(self, p: np.ndarray, g: np.ndarray, state: S, lr: float) -> None:
-        """Advance ``state`` (its step already counted) and ``p`` by ``g`` (cast to p's dtype)."""
+    def _step(
+        self, p: np.ndarray, g: np.ndarray, state: S, lr: float, bound: float, bound_sq: float
+    ) -> bool:
+        """Advance ``state`` (its step already counted) and ``p`` by ``g`` (cast to p's dtype);
+        the kernel's answer: whether a value it wrote is outside ``bound`` (``bound_sq`` for
+        squares)."""
+
+    def output_bound(self, lr: float, bound: float) -> float:
+        """An upper bound of the magnitude of every value one step computes, when the
+        weights, gradient and linear state are within ``bound`` and squared state within
+        ``bound**2`` (Python floats; ``inf`` where no bound holds, e.g. a zero ``eps``).
+        Optimizers without one are always stepped with a rollback copy."""
+        return math.inf
+
+    def check_dtype(self, dtype: np.dtype[Any]) -> None:
+        """Every float hyperparameter is finite in ``dtype`` (lr=1e300 is not, in float32)."""
+        largest = float(np.finfo(dtype).max)
+        for option, value in self.hparams.to_dict().items():
+            values = value if isinstance(value, list) else [value]
+            for index, item in enumerate(values):
+                if isinstance(item, float) and not abs(item) <= largest:
+                    where = option if len(values) == 1 else f"{option}[{index}]"
+                    raise HyperparameterError(
+                        f"{self.name}: {where} = {item!r} is beyond the range of {dtype} "
+                        f"(largest {largest:.7g}): it would be Inf in the tensors' dtype",
+                        option=where,
+                    )
 
     def _complete(self, state: S, param: np.ndarray) -> None:
         """Allocate arrays an option needs but the state lacks (an option changed mid-run)."""
@@ -211,6 +310,32 @@ class Optimizer(ABC, Generic[H, S]):
             check_param(name, param)
         return {name: self.init_tensor(param) for name, param in params.items()}
 
+    def guarded(
+        self,
+        grads: Mapping[str, np.ndarray],
+        state: OptState,
+        params: Mapping[str, np.ndarray],
+        *,
+        lr: float | None = None,
+        large: Collection[str] = (),
+    ) -> list[str]:
+        """The tensors a ``finite`` update steps with a rollback copy: those whose result may
+        hold NaN or Inf (see the module's docstring). ``large``: tensors whose gradient (or
+        weights just set) the caller found outside :func:`magnitude_bound`; a tensor without
+        state counts as unchecked."""
+        rate = self.hparams.lr if lr is None else lr
+        safe: dict[np.dtype[Any], bool] = {}
+        out = []
+        for name in grads:
+            dtype = params[name].dtype
+            if dtype not in safe:
+                bound = self.output_bound(rate, magnitude_bound(dtype))
+                safe[dtype] = bound <= float(np.finfo(dtype).max) * _HEADROOM
+            current = state.get(name)
+            if name in large or current is None or current.unchecked or not safe[dtype]:
+                out.append(name)
+        return out
+
     def update(
         self,
         grads: Mapping[str, np.ndarray],
@@ -218,10 +343,16 @@ class Optimizer(ABC, Generic[H, S]):
         params: Mapping[str, np.ndarray],
         *,
         lr: float | None = None,
+        finite: bool = False,
+        large: Collection[str] = (),
     ) -> None:
         """Step the parameters named in ``grads`` in place, advancing their state.
 
-        Every tensor is checked before any is touched, so a bad gradient changes nothing.
+        Every tensor is checked before any is touched, so a bad gradient changes nothing. With
+        ``finite``, a step that would leave NaN or Inf in any weight or state value raises
+        :class:`NonFiniteStep` and changes nothing; ``large`` must then name every tensor whose
+        gradient is not within :func:`magnitude_bound` (:func:`kernels.scan` tells), NaN and
+        Inf included.
         """
         if lr is not None:
             self.check_lr(lr)
@@ -235,8 +366,30 @@ class Optimizer(ABC, Generic[H, S]):
             if not isinstance(state[name], self.state_type):
                 raise TensorError(f"state of {name!r} is not {self.name} state", tensor=name)
         rate = self.hparams.lr if lr is None else lr
-        for name, grad in grads.items():
-            self._apply(params[name], grad, state[name], rate)  # type: ignore[arg-type]
+        if not finite:
+            for name, grad in grads.items():
+                self._apply(params[name], grad, state[name], rate)  # type: ignore[arg-type]
+            return
+        guarded = self.guarded(grads, state, params, lr=rate, large=large)
+        saved: list[tuple[str, np.ndarray, dict[str, Any]]] = []
+        for name in guarded:  # first: these may fail, and undoing them is all a failure takes
+            saved.append((name, params[name].copy(), state[name].checkpoint()))
+            self._apply(params[name], grads[name], state[name], rate)  # type: ignore[arg-type]
+            if state[name].nonfinite:
+                for undo, weights, checkpoint in saved:
+                    np.copyto(params[undo], weights)
+                    state[undo].rollback(checkpoint)
+                raise NonFiniteStep(
+                    f"the step would leave NaN or Inf in tensor {name!r} (its weights or "
+                    f"{self.name} state): nothing was changed",
+                    tensor=name,
+                )
+        for name in grads:
+            if name in guarded:
+                continue
+            self._apply(params[name], grads[name], state[name], rate)  # type: ignore[arg-type]
+            # output_bound says this cannot happen; if it did, the bound has a bug.
+            assert not state[name].nonfinite, f"unguarded step of {name!r} was not finite"
 
     def check_lr(self, lr: float) -> None:
         """Validate a per-step learning-rate override as strictly as the configured one (the

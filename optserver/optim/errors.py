@@ -40,3 +40,12 @@ class TensorError(OptimError):
         self.mismatch = mismatch
         self.expected = expected
         self.received = received
+
+
+class NonFiniteStep(OptimError):
+    """A step would have left NaN or Inf in ``tensor``'s weights or optimizer state; it was
+    undone (every tensor of the update is as it was before)."""
+
+    def __init__(self, message: str, *, tensor: str) -> None:
+        super().__init__(message)
+        self.tensor = tensor

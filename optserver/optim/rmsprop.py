@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -64,9 +65,24 @@ class RMSprop(Optimizer[RMSpropHyperparams, RMSpropState]):
         if self.hparams.momentum > 0 and state.momentum_buffer is None:
             state.momentum_buffer = np.zeros_like(param)
 
-    def _step(self, p: np.ndarray, g: np.ndarray, state: RMSpropState, lr: float) -> None:
+    def output_bound(self, lr: float, bound: float) -> float:
+        h = self.hparams
+        # centered: square_avg - grad_avg**2 can round below 0, and its root is NaN.
+        floor = math.sqrt(h.eps) if h.eps_inside_sqrt else h.eps  # avg >= floor
+        if h.centered or not floor > 0:
+            return math.inf
+        g = bound * (1 + h.weight_decay)
+        square = h.alpha * bound * bound + (1 - h.alpha) * g * g
+        ratio = g / floor  # g / avg
+        direction = h.momentum * bound + ratio if h.momentum > 0 else ratio
+        return max(square, abs(lr) * g, direction, bound + abs(lr) * direction)
+
+    def _step(
+        self, p: np.ndarray, g: np.ndarray, state: RMSpropState, lr: float, bound: float,
+        bound_sq: float,
+    ) -> bool:  # fmt: skip
         h, dt = self.hparams, p.dtype.type
-        kernels.run(
+        return kernels.run(
             kernels.rmsprop(
                 centered=h.centered, momentum=h.momentum > 0, decay=h.weight_decay != 0
             ),
@@ -80,4 +96,6 @@ class RMSprop(Optimizer[RMSpropHyperparams, RMSpropState]):
             dt(h.eps if h.eps_inside_sqrt else 0),
             dt(0 if h.eps_inside_sqrt else h.eps),
             dt(h.momentum),
+            dt(bound),
+            dt(bound_sq),
         )

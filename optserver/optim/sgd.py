@@ -52,7 +52,21 @@ class SGD(Optimizer[SGDHyperparams, SGDState]):
     def state_arrays(self) -> int:
         return 1 if self.hparams.momentum != 0 else 0  # the buffer starts at the first step
 
-    def _step(self, p: np.ndarray, g: np.ndarray, state: SGDState, lr: float) -> None:
+    def output_bound(self, lr: float, bound: float) -> float:
+        h = self.hparams
+        g = bound * (1 + h.weight_decay)  # sign*g + weight_decay*p
+        if h.momentum == 0:
+            buf = 0.0
+            direction = g
+        else:
+            buf = max(g, h.momentum * bound + abs(1 - h.dampening) * g)
+            direction = g + h.momentum * buf if h.nesterov else buf
+        return max(g, buf, direction, abs(lr) * direction, bound + abs(lr) * direction)
+
+    def _step(
+        self, p: np.ndarray, g: np.ndarray, state: SGDState, lr: float, bound: float,
+        bound_sq: float,
+    ) -> bool:  # fmt: skip
         h, dt = self.hparams, p.dtype.type
         first = state.momentum_buffer is None
         if h.momentum != 0 and state.momentum_buffer is None:
@@ -63,7 +77,7 @@ class SGD(Optimizer[SGDHyperparams, SGDState]):
             first=first,
             decay=h.weight_decay != 0,
         )
-        kernels.run(
+        return kernels.run(
             kernel,
             (p, g, state.momentum_buffer),
             dt(-lr),
@@ -71,4 +85,6 @@ class SGD(Optimizer[SGDHyperparams, SGDState]):
             dt(h.weight_decay),
             dt(h.momentum),
             dt(1 - h.dampening),
+            dt(bound),
+            dt(bound_sq),
         )

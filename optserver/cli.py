@@ -35,9 +35,8 @@ def serve(
     fsync: Annotated[str | None, typer.Option(help="always, interval or never.")] = None,
 ) -> None:
     """Run the server. Every setting is also an OPTSERVER_* environment variable."""
-    import uvicorn
-
     from optserver.api.app import create_app
+    from optserver.api.server import run
     from optserver.config import Settings
     from optserver.durability import DataDirError
 
@@ -55,14 +54,8 @@ def serve(
     except DataDirError as exc:
         typer.echo(f"optserver: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
-    uvicorn.run(
-        application,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        ssl_certfile=ssl_certfile,
-        ssl_keyfile=ssl_keyfile,
-    )
+    # Deadlines for slow clients and a cap on connections, which plain uvicorn.run lacks.
+    run(application, settings, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
 
 def main() -> None:

@@ -38,6 +38,46 @@ class Settings(BaseSettings):
         1 << 28, ge=1, description="Most elements in one tensor (2**28: 1 GiB of float32)."
     )
     max_json_depth: int = Field(32, ge=1, description="Deepest nesting of a JSON tensor.")
+    max_json_body_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Largest JSON request body (413; the smaller of this and max_body_bytes). "
+        "Parsing JSON holds the interpreter in stretches that grow with the body, stalling "
+        "every other request: at 4 MiB they stay under ~0.1 s. Larger tensors travel as "
+        "safetensors (application/octet-stream).",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a request's headers, counted from the "
+        "connection's start (on a kept-alive connection, from the end of the previous "
+        "response); past it, 408 and the connection is closed, however steadily bytes trickle.",
+    )
+    body_idle_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for the next part of a request body (408, connection "
+        "closed); also the base of the whole body's deadline (body_min_bytes_per_s).",
+    )
+    body_min_bytes_per_s: int = Field(
+        256 << 10,
+        ge=1,
+        description="Slowest average rate a body may arrive at: N bytes must be in within "
+        "body_idle_timeout_s + N / body_min_bytes_per_s seconds (408, connection closed).",
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Most open connections; beyond it a new one is answered 503 (Retry-After) "
+        "and closed at once. Default: the open-file limit (raised to its hard limit at start) "
+        "less an eighth kept for files and refusals, at most 8192.",
+    )
+    max_header_bytes: int = Field(
+        1 << 20,
+        ge=64 << 10,
+        description="Most bytes of a request line and headers (431, connection closed): the "
+        "header deadline bounds their time, this their memory.",
+    )
     idempotency_keys: int = Field(
         256, ge=0, description="Idempotency keys remembered per session (0 disables replay)."
     )
@@ -76,3 +116,34 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Snapshot at least this often while sessions change."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # /metrics: bounded whatever clients do (a scrape at these defaults stays well under 1 MB).
+    metrics_sessions: int = Field(
+        16,
+        ge=0,
+        description="Sessions with per-session and per-worker series in /metrics (the newest "
+        'ones); the others are folded into session="_other".',
+    )
+    metrics_workers: int = Field(
+        8,
+        ge=0,
+        description="Workers of such a session with series of their own (the first ones the "
+        "metrics see, for as long as the session remembers them); the others are folded into "
+        'worker="_other".',
+    )
+    metrics_label_bytes: int = Field(
+        64,
+        ge=16,
+        le=1024,
+        description="Longest session or worker label value in /metrics, in UTF-8 bytes; a "
+        "longer one is cut and ends with '~' and a digest of the whole.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="A bearer token that opens /metrics (as does the admin key); when set, "
+        "/metrics needs one of them.",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics without credentials even with an admin key or a metrics "
+        "token set (by default they guard it: it lists every session id and worker name).",
+    )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import anyio.to_thread
 
-from optserver.errors import Conflict, ProblemError
+from optserver.errors import Conflict, IdempotencyKeyReused, ProblemError
 from optserver.modes import SyncMode
 from optserver.replies import Answer, Reply
 from optserver.store import Push, RoundMember, Session
@@ -67,13 +67,22 @@ class Coordinator:
         if pending is not None:
             self._fail(pending, Conflict("the session was deleted", slug="round-failed"))
 
-    async def push(self, session: Session, push: Push, *, key: str | None, answer: Answer) -> Reply:
-        """Apply ``push`` (async and ssp modes) or add it to the session's round (sync)."""
+    async def push(
+        self,
+        session: Session,
+        push: Push,
+        *,
+        key: str | None,
+        answer: Answer,
+        fingerprint: str | None = None,
+    ) -> Reply:
+        """Apply ``push`` (async and ssp modes) or add it to the session's round (sync).
+        ``fingerprint`` identifies the request that carries ``key`` (see optserver.replay)."""
         if isinstance(session.mode, SyncMode):
-            return await self._join_round(session, session.mode, push, key, answer)
+            return await self._join_round(session, session.mode, push, key, answer, fingerprint)
         async with self.turn(session.id):
             return await anyio.to_thread.run_sync(
-                lambda: session.step(push, key=key, answer=answer)
+                lambda: session.step(push, key=key, answer=answer, fingerprint=fingerprint)
             )
 
     async def _join_round(
@@ -83,8 +92,13 @@ class Coordinator:
         push: Push,
         key: str | None,
         answer: Answer,
+        fingerprint: str | None,
     ) -> Reply:
-        replayed = session.replay(key, answer)
+        try:
+            replayed = session.replay(key, answer, fingerprint)
+        except ProblemError as exc:
+            session.reject(exc.slug, push.worker)
+            raise
         if replayed is not None:
             return replayed
         await anyio.to_thread.run_sync(session.check, push)
@@ -95,6 +109,16 @@ class Coordinator:
         if current is not None and worker in current.waiting:
             earlier = current.waiting[worker]
             if key is not None and earlier.member.key == key:  # a retry of the same push
+                if fingerprint is not None and earlier.member.fingerprint not in (
+                    None,
+                    fingerprint,
+                ):
+                    session.reject("idempotency-key-reused", worker)
+                    raise IdempotencyKeyReused(
+                        f"Idempotency-Key {key!r} is in round {current.number} with a "
+                        "different request; nothing was changed",
+                        key=key,
+                    )
                 return await asyncio.shield(earlier.answer)
             session.reject("duplicate-push", worker)
             raise Conflict(
@@ -110,7 +134,7 @@ class Coordinator:
             loop = asyncio.get_running_loop()
             current.timer = loop.call_later(mode.timeout_s, self._deadline, session, mode, current)
         waiting = _Waiting(
-            RoundMember(push, key, answer), asyncio.get_running_loop().create_future()
+            RoundMember(push, key, answer, fingerprint), asyncio.get_running_loop().create_future()
         )
         current.waiting[worker] = waiting
         if len(current.waiting) >= mode.workers:

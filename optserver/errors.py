@@ -13,14 +13,20 @@ from typing import Any, ClassVar
 __all__ = [
     "BadRequest",
     "Conflict",
+    "DiskFull",
     "Forbidden",
+    "HeadersTooLarge",
+    "IdempotencyKeyReused",
     "InsufficientStorage",
     "InvalidTensor",
+    "JournalUnavailable",
     "LimitExceeded",
+    "NonfiniteResult",
     "NotAcceptable",
     "NotFound",
     "PayloadTooLarge",
     "ProblemError",
+    "RequestTimeout",
     "ServiceUnavailable",
     "StaleGradient",
     "Unauthorized",
@@ -44,13 +50,22 @@ class ProblemError(Exception):
     slug: ClassVar[str] = "internal-error"
     title: ClassVar[str] = "Internal server error"
 
-    def __init__(self, detail: str, *, slug: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        slug: str | None = None,
+        retry_after: float | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
         if slug is not None:
             self.slug = slug  # type: ignore[misc]
         self.headers: dict[str, str] = {}
+        if retry_after is not None:  # when trying again makes sense (503, 507)
+            self.headers["Retry-After"] = str(max(1, round(retry_after)))
 
     @property
     def type(self) -> str:
@@ -162,3 +177,49 @@ class ServiceUnavailable(ProblemError):
     status = 503
     slug = "unavailable"
     title = "Service unavailable"
+
+
+class JournalUnavailable(ServiceUnavailable):
+    """The data directory cannot record the change (a read-only or failing disk): nothing was
+    applied; retry later (``Retry-After``)."""
+
+    slug = "journal-unavailable"
+    title = "The journal cannot record changes"
+
+
+class DiskFull(InsufficientStorage):
+    """The data directory's filesystem is out of space or inodes (ENOSPC, EDQUOT): nothing was
+    applied; retry once space is freed (``Retry-After``)."""
+
+    title = "Insufficient storage"
+
+
+class NonfiniteResult(UnprocessableContent):
+    """The step would leave NaN or Inf in the weights or the optimizer state (nonfinite policy
+    ``reject``): it was refused and nothing changed."""
+
+    slug = "nonfinite-result"
+    title = "The step would produce NaN or Inf"
+
+
+class IdempotencyKeyReused(UnprocessableContent):
+    """An Idempotency-Key seen before arrived with a different request."""
+
+    slug = "idempotency-key-reused"
+    title = "Idempotency-Key reused with a different request"
+
+
+class HeadersTooLarge(ProblemError):
+    """The request's header fields exceed the server's limit (they are held in memory)."""
+
+    status = 431
+    slug = "headers-too-large"
+    title = "Request header fields too large"
+
+
+class RequestTimeout(ProblemError):
+    """The client sent its request too slowly (headers or body past their deadline)."""
+
+    status = 408
+    slug = "request-timeout"
+    title = "Request timeout"

@@ -30,9 +30,11 @@ from optserver.errors import BadRequest, InvalidTensor, UnprocessableContent
 from optserver.modes import Mode
 from optserver.optim import OptimError
 from optserver.optim import create as create_optimizer
+from optserver.optim.kernels import count_nonfinite
 from optserver.optim.schedules import create_schedule
-from optserver.replies import Reply
-from optserver.store import Session, SessionStore, StoreLimits, _hyper, _Remembered
+from optserver.replay import Remembered
+from optserver.replies import BINARY, Returns
+from optserver.store import Session, SessionStore, StoreLimits, _hyper
 
 __all__ = [
     "FORMAT",
@@ -53,7 +55,11 @@ class MemoEntry(BaseModel):
     names: list[str]
     applied: bool
     version: int
-    media_type: str | None = None  # None: the answer was too large to keep
+    #: The kept answer's encoding: safetensors, or None when it was too large to keep (an
+    #: older JSON body is not kept across a restart: its replay is re-encoded).
+    media_type: str | None = None
+    returns: Returns = "stepped"
+    fingerprint: str | None = None
 
 
 class Private(BaseModel):
@@ -105,19 +111,20 @@ def session_tensors(
     extra = None
     if private:
         memo = []
-        for index, (key, remembered) in enumerate(session._remembered.items()):
-            reply = remembered.reply
+        for index, (key, remembered) in enumerate(session.replays.entries()):
             memo.append(
                 MemoEntry(
                     key=key,
                     names=list(remembered.names),
                     applied=remembered.applied,
                     version=remembered.version,
-                    media_type=None if reply is None else reply.media_type,
+                    media_type=None if remembered.body is None else BINARY,
+                    returns=remembered.returns,
+                    fingerprint=remembered.fingerprint,
                 )
             )
-            if reply is not None:
-                tensors[f"memo/{index}"] = np.frombuffer(reply.body, dtype=np.uint8)
+            if remembered.body is not None:
+                tensors[f"memo/{index}"] = np.frombuffer(remembered.body, dtype=np.uint8)
         extra = Private(
             id=session.id,
             token_digest=session.token_digest.hex(),
@@ -213,6 +220,16 @@ def restore_session(
                 )
             except OptimError as exc:
                 raise InvalidTensor(str(exc), tensor=tensor) from None
+            state = session.state[tensor]
+            state.nonfinite = bool(count_nonfinite(param)) or state.holds_nonfinite()
+            if state.nonfinite and private is None and nonfinite != "allow":
+                raise InvalidTensor(
+                    f"tensor {tensor!r} holds NaN or Inf in its weights or optimizer state, "
+                    f"and the session's nonfinite policy is {nonfinite!r}: import it with "
+                    "the policy 'allow', or repair the export",
+                    slug="nonfinite",
+                    tensor=tensor,
+                )
         session.version = record.version
         session.steps_applied = record.steps_applied
         session.pushes_received = record.pushes_received
@@ -224,17 +241,14 @@ def restore_session(
 
 
 def _restore_private(session: Session, private: Any, memo: dict[int, np.ndarray]) -> None:
-    remembered: OrderedDict[str, _Remembered] = OrderedDict()
-    size = 0
+    remembered: OrderedDict[str, Remembered] = OrderedDict()
     for index, entry in enumerate(private.memo):
-        reply = None
-        if entry.media_type is not None and index in memo:
-            body = memo[index].tobytes()
-            reply = Reply(body, entry.media_type, entry.version)
-            size += len(body)
-        remembered[entry.key] = _Remembered(reply, tuple(entry.names), entry.applied, entry.version)
-    session._remembered = remembered
-    session._remembered_bytes = size
+        body = memo[index].tobytes() if entry.media_type == BINARY and index in memo else None
+        remembered[entry.key] = Remembered(
+            body, entry.returns, tuple(entry.names), entry.applied, entry.version,
+            entry.fingerprint,
+        )  # fmt: skip
+    session.replays.restore(remembered)
     session.workers.restore(private.workers)
     counts = private.staleness.get("counts")
     if counts and len(counts) == len(session.staleness.counts):

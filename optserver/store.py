@@ -16,9 +16,10 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +31,7 @@ from optserver.errors import (
     InsufficientStorage,
     InvalidTensor,
     LimitExceeded,
+    NonfiniteResult,
     NotFound,
     ProblemError,
     StaleGradient,
@@ -45,9 +47,11 @@ from optserver.optim import (
     TensorError,
     create,
 )
-from optserver.optim.base import check_fits
-from optserver.optim.kernels import count_nonfinite
+from optserver.optim.base import check_fits, magnitude_bound
+from optserver.optim.errors import NonFiniteStep
+from optserver.optim.kernels import count_nonfinite, scan
 from optserver.optim.schedules import Schedule, create_schedule
+from optserver.replay import ReplayCache
 from optserver.replies import Answer, Reply
 from optserver.workers import StalenessHistogram, WorkerBook
 
@@ -85,21 +89,21 @@ class Push:
     worker: str | None = None
 
 
-@dataclass
-class _Remembered:
-    reply: Reply | None  # None: too large to keep; replay re-encodes the named tensors
-    names: tuple[str, ...]
-    applied: bool
-    version: int
-
-
 class Recorder(Protocol):
     """Where changes go to become durable (the data directory's journal). Each method returns
-    a ticket: the change is durable once ``wait(ticket)`` returns."""
+    a ticket: the change is durable once ``wait(ticket)`` returns.
+
+    A change is recorded before it is made: if recording raises (a problem: the disk is full
+    or failing), nothing changes. ``rejected`` is bookkeeping and never raises."""
 
     def created(self, session: Session) -> int: ...
-    def params_put(self, session: Session, tensors: Mapping[str, np.ndarray]) -> int: ...
-    def stepped(self, session: Session, push: Push, key: str | None, answer: Answer) -> int: ...
+    def params_put(
+        self, session: Session, tensors: Mapping[str, np.ndarray], reset_state: bool
+    ) -> int: ...
+    def stepped(
+        self, session: Session, push: Push, key: str | None, answer: Answer,
+        fingerprint: str | None,
+    ) -> int: ...  # fmt: skip
     def round_applied(self, session: Session, members: list[RoundMember]) -> int: ...
     def configured(self, session: Session) -> int: ...
     def deleted(self, session_id: str) -> int: ...
@@ -150,8 +154,8 @@ class Session:
         #: Set by the store: bytes held by all sessions, for the total-bytes quota.
         self.total_bytes: Callable[[], int] | None = None
         self._lock = threading.RLock()
-        self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
-        self._remembered_bytes = 0
+        #: Answers by idempotency key (guarded by the session's lock).
+        self.replays = ReplayCache(limits.idempotency_keys, limits.idempotency_bytes)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -203,6 +207,11 @@ class Session:
             for n, p in self.params.items()
         ]
 
+    def nonfinite_tensors(self) -> list[str]:
+        """Tensors whose weights or optimizer state hold NaN or Inf (only the ``allow``
+        policy, or an import under it, can put them there)."""
+        return [n for n, s in self.state.items() if s.nonfinite]
+
     def info(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -214,6 +223,7 @@ class Session:
                 "schedule": None if self.schedule is None else self.schedule.config(),
                 "lr": self.scheduled_lr(),
                 "nonfinite": self.nonfinite,
+                "nonfinite_tensors": self.nonfinite_tensors(),
                 "params": self.tensor_info(),
                 "counters": {
                     "steps_applied": self.steps_applied,
@@ -276,31 +286,49 @@ class Session:
                         option="name",
                     )
                 new_optimizer = _hyper(lambda: self.optimizer.with_options(changes))
+                for dtype in {p.dtype for p in self.params.values()}:
+                    _hyper(partial(new_optimizer.check_dtype, dtype))
             new_schedule = self.schedule
             if not isinstance(schedule, _Keep):
                 new_schedule = _hyper(lambda: create_schedule(schedule))
+            before = (self.optimizer, self.schedule, self.mode, self.nonfinite)
             self.optimizer, self.schedule = new_optimizer, new_schedule
             if mode is not None:
                 self.mode = mode
             if nonfinite is not None:
                 self.nonfinite = nonfinite
+            try:
+                ticket = None if self.recorder is None else self.recorder.configured(self)
+            except BaseException:
+                self.optimizer, self.schedule, self.mode, self.nonfinite = before
+                raise
+            if new_optimizer is not before[0]:
+                for state in self.state.values():
+                    state.unchecked = True  # the bound depends on the options; state unused
+                    # until now (an option switched back on) was not checked either
             self.updated_at = time.time()
-            return None if self.recorder is None else self.recorder.configured(self)
+            return ticket
 
-    def put_params(self, tensors: Mapping[str, np.ndarray]) -> int | None:
-        """Set weights: same shape and dtype keep their optimizer state; a new shape or dtype,
-        or a new name, starts fresh state."""
+    def put_params(
+        self, tensors: Mapping[str, np.ndarray], *, reset_state: bool = False
+    ) -> int | None:
+        """Set weights: same shape and dtype keep their optimizer state (unless
+        ``reset_state``); a new shape or dtype, or a new name, starts fresh state."""
         with self._lock:
             self._check_new_tensors(tensors, replace_shapes=True)
+            nonfinite = {name: bool(count_nonfinite(value)) for name, value in tensors.items()}
             if self.nonfinite != "allow":
-                for name, value in tensors.items():
-                    if count_nonfinite(value):
+                for name, bad in nonfinite.items():
+                    if bad:
                         raise InvalidTensor(
                             f"weights {name!r} hold NaN or Inf values (nonfinite policy "
                             f"{self.nonfinite!r})",
                             slug="nonfinite",
                             tensor=name,
                         )
+            ticket = None
+            if self.recorder is not None:
+                ticket = self.recorder.params_put(self, tensors, reset_state)
             for name, value in tensors.items():
                 current = self.params.get(name)
                 if (
@@ -309,10 +337,16 @@ class Session:
                     and (current.dtype == value.dtype)
                 ):
                     np.copyto(current, value)
+                    state = self.state[name]
+                    if reset_state:
+                        state = self.state[name] = self.optimizer.init_tensor(current)
+                    state.unchecked = True
+                    state.nonfinite = nonfinite[name] or state.holds_nonfinite()
                 else:
                     self._register(name, value)
+                    self.state[name].nonfinite = nonfinite[name]
             self.updated_at = time.time()
-            return None if self.recorder is None else self.recorder.params_put(self, tensors)
+            return ticket
 
     def _register(self, name: str, value: np.ndarray) -> None:
         param = np.array(value, dtype=_param_dtype(value.dtype), order="C", copy=True)
@@ -346,6 +380,9 @@ class Session:
             current = self.params.get(name)
             if current is not None and not replace_shapes:
                 _check_same(name, "weights", value, current)
+            dtype = _param_dtype(value.dtype)
+            if current is None or current.dtype != dtype:
+                _hyper(partial(self.optimizer.check_dtype, dtype))
         self._check_quota(tensors)
 
     def _check_quota(self, tensors: Mapping[str, np.ndarray]) -> None:
@@ -372,15 +409,18 @@ class Session:
                 quota=quota,
             )
 
-    def _check_finite(self, name: str, value: np.ndarray, what: str) -> bool:
-        """False if the push should be skipped; raises under the reject policy."""
+    def _check_finite(
+        self, name: str, value: np.ndarray, dtype: np.dtype[Any], what: str
+    ) -> tuple[bool, bool]:
+        """False if the push should be skipped (raises under the reject policy), and whether
+        a value is outside the magnitude bound of ``dtype`` (see :mod:`optserver.optim.base`)."""
         if self.nonfinite == "allow":
-            return True
-        bad = count_nonfinite(value)
+            return True, True  # nothing is guarded under allow: no need to know
+        bad, large = scan(value, magnitude_bound(dtype))
         if not bad:
-            return True
+            return True, large
         if self.nonfinite == "skip":
-            return False
+            return False, True
         raise InvalidTensor(
             f"{what} {name!r} holds {bad} NaN or Inf value{'s' if bad > 1 else ''} "
             "(this session's nonfinite policy is 'reject')",
@@ -388,37 +428,90 @@ class Session:
             tensor=name,
         )
 
-    def step(self, push: Push, *, key: str | None, answer: Answer) -> Reply:
-        """Apply one push (or replay the answer to an earlier push with the same key)."""
+    def _update(
+        self,
+        grads: Mapping[str, np.ndarray],
+        pushed: Mapping[str, np.ndarray],
+        lr: float | None,
+        large: Collection[str],
+    ) -> bool:
+        """Set the pushed weights and step; under ``reject`` and ``skip`` a step that would
+        leave NaN or Inf anywhere is undone whole: False under ``skip``, 422 under ``reject``."""
+        finite = self.nonfinite != "allow"
+        saved: dict[str, np.ndarray] = {}
+        registered = [n for n in pushed if n not in self.params]
+        if finite and pushed and not registered:
+            merged = {**self.params, **pushed}
+            if self.optimizer.guarded(grads, self.state, merged, lr=lr, large=large):
+                saved = {n: self.params[n].copy() for n in pushed}
+        elif finite and registered:
+            saved = {n: self.params[n].copy() for n in pushed if n in self.params}
+        for name, value in pushed.items():
+            if name in self.params:
+                np.copyto(self.params[name], value)
+            else:
+                self._register(name, value)
+        try:
+            self.optimizer.update(grads, self.state, self.params, lr=lr, finite=finite, large=large)
+        except NonFiniteStep as exc:
+            for name, old in saved.items():
+                np.copyto(self.params[name], old)
+            for name in registered:
+                del self.params[name], self.state[name]
+            if self.nonfinite == "skip":
+                return False
+            raise NonfiniteResult(
+                f"{exc} (nonfinite policy 'reject': lower lr, clip the gradients, or check "
+                "eps and the weights)",
+                tensor=exc.tensor,
+            ) from None
+        return True
+
+    def step(
+        self, push: Push, *, key: str | None, answer: Answer, fingerprint: str | None = None
+    ) -> Reply:
+        """Apply one push (or replay the answer to an earlier push with the same key and
+        ``fingerprint``; the same key with another fingerprint is refused)."""
         with self._lock:
-            replayed = self.replay(key, answer)
+            try:
+                replayed = self.replay(key, answer, fingerprint)
+            except ProblemError as exc:
+                self.pushes_received += 1
+                self._count_rejection(exc.slug, push.worker)
+                raise
             if replayed is not None:
                 return replayed
             self.pushes_received += 1
             try:
-                lr, apply = self._validate(push)
+                lr, apply, large = self._validate(push)
             except ProblemError as exc:
                 self._count_rejection(exc.slug, push.worker)
                 raise
             ticket = None
             if self.recorder is not None:
-                ticket = self.recorder.stepped(self, push, key, answer)
+                try:
+                    ticket = self.recorder.stepped(self, push, key, answer, fingerprint)
+                except ProblemError as exc:
+                    self._count_rejection(exc.slug, push.worker)
+                    raise
             if apply:
                 lr = self._staleness_scaled(push, lr)
-                for name, value in push.params.items():
-                    if name in self.params:
-                        np.copyto(self.params[name], value)
-                    else:
-                        self._register(name, value)
-                self.optimizer.update(push.grads, self.state, self.params, lr=lr)
-                self._applied([push])
+                try:
+                    apply = self._update(push.grads, push.params, lr, large)
+                except ProblemError as exc:
+                    self._count_rejection(exc.slug, push.worker)
+                    raise
+                if apply:
+                    self._applied([push])
+                else:
+                    self._count_rejection("nonfinite-result", push.worker)
             else:
                 self._count_rejection("nonfinite-skipped", push.worker)
             chosen = answer.names(push.grads, self.params)
-            reply = answer(self.version, apply, {n: self.params[n] for n in chosen})
-            reply = reply.with_ticket(ticket)
+            tensors = {n: self.params[n] for n in chosen}
+            reply = answer(self.version, apply, tensors).with_ticket(ticket)
             if key is not None:
-                self._remember(key, reply, tuple(chosen), apply)
+                self.replays.remember(key, reply, answer, tensors, apply, fingerprint)
             return reply
 
     def _staleness_scaled(self, push: Push, lr: float | None) -> float | None:
@@ -469,38 +562,58 @@ class Session:
             self.pushes_received += len(members)
             lr: float | None = None
             finite: list[bool] = []
+            large: set[str] = set()
             try:
                 for member in members:
-                    member_lr, member_finite = self._validate(member.push)
+                    member_lr, member_finite, member_large = self._validate(member.push)
                     lr = member_lr if lr is None else lr
                     finite.append(member_finite)
+                    large |= member_large
             except ProblemError as exc:
                 for member in members:
                     self._count_rejection(exc.slug, member.push.worker)
                 raise
             ticket = None
             if self.recorder is not None:
-                ticket = self.recorder.round_applied(self, members)
+                try:
+                    ticket = self.recorder.round_applied(self, members)
+                except ProblemError as exc:
+                    for member in members:
+                        self._count_rejection(exc.slug, member.push.worker)
+                    raise
             contributing = [m for m, ok in zip(members, finite, strict=True) if ok]
             for member, ok in zip(members, finite, strict=True):
                 if not ok:
                     self._count_rejection("nonfinite-skipped", member.push.worker)
             if contributing:
-                self.optimizer.update(
-                    _mean(contributing, self.params), self.state, self.params, lr=lr
-                )
-                self._applied([m.push for m in contributing])
+                try:
+                    stepped = self._update(_mean(contributing, self.params), {}, lr, large)
+                except ProblemError as exc:
+                    for member in contributing:
+                        self._count_rejection(exc.slug, member.push.worker)
+                    raise
+                if stepped:
+                    self._applied([m.push for m in contributing])
+                else:
+                    for member in contributing:
+                        self._count_rejection("nonfinite-result", member.push.worker)
+                    finite = [False] * len(members)
             replies = []
             for member, applied in zip(members, finite, strict=True):
                 chosen = member.answer.names(member.push.grads, self.params)
-                reply = member.answer(self.version, applied, {n: self.params[n] for n in chosen})
-                reply = reply.with_ticket(ticket)
+                tensors = {n: self.params[n] for n in chosen}
+                reply = member.answer(self.version, applied, tensors).with_ticket(ticket)
                 if member.key is not None:
-                    self._remember(member.key, reply, tuple(chosen), applied)
+                    self.replays.remember(
+                        member.key, reply, member.answer, tensors, applied, member.fingerprint
+                    )
                 replies.append(reply)
             return replies
 
-    def _validate(self, push: Push) -> tuple[float | None, bool]:
+    def _validate(self, push: Push) -> tuple[float | None, bool, set[str]]:
+        """The push's learning rate, whether to apply it (False: skipped under ``skip``), and
+        the tensors whose gradient or weights are outside the magnitude bound; raises a
+        problem, changing nothing, if the push cannot be applied."""
         if not push.grads:
             raise InvalidTensor("the push carries no gradients", slug="no-gradients")
         if isinstance(self.mode, SSPMode) and push.base_version is not None:
@@ -543,6 +656,15 @@ class Session:
         if push.lr is not None:
             _hyper(lambda: self.optimizer.check_lr(push.lr))  # type: ignore[arg-type]
             lr = push.lr
+            for name in push.grads:
+                param = push.params.get(name, self.params.get(name))
+                if param is not None and abs(lr) > float(np.finfo(_param_dtype(param.dtype)).max):
+                    raise UnprocessableContent(
+                        f"lr {lr!r} is beyond the range of {_param_dtype(param.dtype)}, the "
+                        f"dtype of tensor {name!r}: it would be Inf",
+                        slug="invalid-hyperparameter",
+                        option="lr",
+                    )
         elif self.schedule is not None:
             lr = self.scheduled_lr()
         extra = [n for n in push.params if n not in push.grads]
@@ -551,7 +673,12 @@ class Session:
                 f"weights {extra[0]!r} were sent without a gradient", tensor=extra[0]
             )
         self._check_new_tensors(push.params, replace_shapes=False)
-        apply = all(self._check_finite(n, v, "weights") for n, v in push.params.items())
+        apply, large = True, set()
+        for name, value in push.params.items():
+            ok, outside = self._check_finite(name, value, _param_dtype(value.dtype), "weights")
+            apply = ok and apply
+            if outside:
+                large.add(name)
         for name, grad in push.grads.items():
             param = push.params.get(name, self.params.get(name))
             if param is None:
@@ -562,37 +689,19 @@ class Session:
                     tensor=name,
                 )
             _check_same(name, "gradient", grad, param)
-            apply = self._check_finite(name, grad, "gradient") and apply
-        return lr, apply
+            ok, outside = self._check_finite(name, grad, _param_dtype(param.dtype), "gradient")
+            apply = ok and apply
+            if outside:
+                large.add(name)
+        return lr, apply, large
 
-    def replay(self, key: str | None, answer: Answer) -> Reply | None:
-        """The answer to an earlier push with this idempotency key, or None."""
-        if key is None or key not in self._remembered:
-            return None
-        memo = self._remembered[key]
-        self._remembered.move_to_end(key)
-        if memo.reply is not None:
-            reply = memo.reply
-        else:
-            present = [n for n in memo.names if n in self.params]
-            reply = answer(memo.version, memo.applied, {n: self.params[n] for n in present})
-        return Reply(
-            reply.body, reply.media_type, reply.version, replayed=True, ticket=reply.ticket
-        )
-
-    def _remember(self, key: str, reply: Reply, names: tuple[str, ...], applied: bool) -> None:
-        if self.limits.idempotency_keys <= 0:
-            return
-        keep = len(reply.body) <= self.limits.idempotency_bytes // 4
-        memo = _Remembered(reply if keep else None, names, applied, reply.version)
-        self._remembered[key] = memo
-        self._remembered_bytes += len(reply.body) if keep else 0
-        while len(self._remembered) > self.limits.idempotency_keys or (
-            self._remembered_bytes > self.limits.idempotency_bytes
-        ):
-            _, old = self._remembered.popitem(last=False)
-            if old.reply is not None:
-                self._remembered_bytes -= len(old.reply.body)
+    def replay(
+        self, key: str | None, answer: Answer, fingerprint: str | None = None
+    ) -> Reply | None:
+        """The answer to an earlier push with this idempotency key, encoded as ``answer``
+        asks, or None; 422 if the key came with a different ``fingerprint``."""
+        with self._lock:
+            return self.replays.replay(key, answer, fingerprint, self.params)
 
     def authorize(self, token: str | None, admin_key: str | None) -> None:
         """Raise unless ``token`` is this session's token or the admin key."""
@@ -611,6 +720,7 @@ class RoundMember:
     push: Push
     key: str | None
     answer: Answer
+    fingerprint: str | None = None
 
 
 def _mean(members: list[RoundMember], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -656,6 +766,9 @@ def _hyper(build: Callable[[], Any]) -> Any:
         ) from None
 
 
+_DELETED_KEPT = 10_000
+
+
 class SessionStore:
     """All sessions of a server, with their credentials."""
 
@@ -667,6 +780,8 @@ class SessionStore:
         self._retired: Counter[str] = Counter()
         self._sessions: dict[str, Session] = {}
         self._owners: dict[bytes, str] = {}  # token digest -> session id, to answer 403
+        #: Digests of deleted sessions' tokens (bounded): their holders get 404, not 401.
+        self._deleted: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -722,12 +837,18 @@ class SessionStore:
         nonfinite: NonFinitePolicy = "reject",
         params: Mapping[str, np.ndarray] | None = None,
         id: str | None = None,
+        dtype: np.dtype[Any] | None = None,
     ) -> tuple[Session, str]:
-        """A new session and its token (the only time the token is seen in clear)."""
+        """A new session and its token (the only time the token is seen in clear). ``dtype``:
+        the weights' dtype the session is declared for (its hyperparameters must be finite
+        in it)."""
         token, digest = self.new_token()
+        built = _hyper(lambda: create(optimizer))
+        if dtype is not None:
+            _hyper(lambda: built.check_dtype(_param_dtype(dtype)))
         session = Session(
             name=name or "",
-            optimizer=_hyper(lambda: create(optimizer)),
+            optimizer=built,
             schedule=_hyper(lambda: create_schedule(schedule)),
             mode=mode or AsyncMode(),
             nonfinite=nonfinite,
@@ -759,12 +880,12 @@ class SessionStore:
                 )
             if session.id in self._sessions:
                 raise Conflict(f"session {session.id} exists already")
-            self._sessions[session.id] = session
-            self._owners[session.token_digest] = session.id
-            session.recorder = self.recorder
             if self.recorder is not None:
                 with session.locked():
                     self.recorder.created(session)
+            self._sessions[session.id] = session
+            self._owners[session.token_digest] = session.id
+            session.recorder = self.recorder
 
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
@@ -773,8 +894,22 @@ class SessionStore:
         return session
 
     def open(self, session_id: str, token: str | None) -> Session:
-        """The session, if ``token`` opens it (401 wrong or missing, 403 another's token)."""
-        session = self.get(session_id)
+        """The session, if ``token`` opens it (401 wrong or missing, 403 another's token).
+
+        Credentials are checked before existence: without a valid token (this or another
+        session's, or the admin key) the answer is 401 whether or not the session exists, so
+        ids cannot be probed."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            if token is None:
+                raise Unauthorized("this route needs 'Authorization: Bearer <session token>'")
+            admin = self.admin_key is not None and hmac.compare_digest(
+                token.encode(), self.admin_key.encode()
+            )
+            digest = _digest(token)
+            if not admin and digest not in self._owners and digest not in self._deleted:
+                raise Unauthorized(f"the token does not open session {session_id}")
+            raise NotFound(f"no session {session_id!r}", slug="unknown-session")
         try:
             session.authorize(token, self.admin_key)
             session.last_used = time.time()
@@ -798,15 +933,19 @@ class SessionStore:
 
     def delete(self, session_id: str) -> None:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
+            session = self._sessions.get(session_id)
             if session is None:
                 raise NotFound(f"no session {session_id!r}", slug="unknown-session")
+            if self.recorder is not None:
+                self.recorder.deleted(session_id)
+            del self._sessions[session_id]
             self._owners.pop(session.token_digest, None)
+            self._deleted[session.token_digest] = None
+            if len(self._deleted) > _DELETED_KEPT:
+                self._deleted.popitem(last=False)
             session.recorder = None
             with session.locked():
                 self._retired.update(session.counters())
-            if self.recorder is not None:
-                self.recorder.deleted(session_id)
 
     def expire(self, idle_s: float) -> list[str]:
         """Delete the sessions nobody has used for ``idle_s`` seconds; their ids."""
@@ -817,6 +956,8 @@ class SessionStore:
                 try:
                     self.delete(session.id)
                 except NotFound:
+                    continue
+                except ProblemError:  # the journal cannot record it now: the next round retries
                     continue
                 gone.append(session.id)
         return gone

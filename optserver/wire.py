@@ -45,13 +45,17 @@ def decode_safetensors(
     body: Buffer, limits: Limits
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (views of ``body`` where aligned) and the ``__metadata__`` map of a document,
-    with every header field checked before anything is allocated."""
+    with every header field checked before anything is allocated.
+
+    Zero-element tensors whose shape JSON nested lists cannot carry (``[0, 5]``) are refused:
+    whatever the server holds must come back with its shape in either encoding."""
     try:
         return safetensors_io.decode(
             body,
             max_tensors=limits.max_tensors,
             max_elements=limits.max_elements,
             max_rank=limits.max_depth,
+            json_shapes=True,
         )
     except SafetensorsError as exc:
         detail = f"safetensors: {exc}"
@@ -59,6 +63,8 @@ def decode_safetensors(
             raise InvalidTensor(detail, tensor=exc.tensor) from None
         if exc.kind == "too-large":
             raise InvalidTensor(detail, slug="tensor-too-large", tensor=exc.tensor) from None
+        if exc.kind == "shape":
+            raise InvalidTensor(detail, slug="unsupported-shape", tensor=exc.tensor) from None
         if exc.kind == "too-many":
             raise LimitExceeded(detail, slug="too-many-tensors") from None
         raise BadRequest(detail, **({"tensor": exc.tensor} if exc.tensor else {})) from None
@@ -90,25 +96,51 @@ def decode_json_tensor(name: str, value: Any, dtype: np.dtype[Any], limits: Limi
         raise InvalidTensor(
             f"tensor {name!r} is not a rectangular array of numbers", tensor=name
         ) from None
+    nulls = None
+    if array.dtype == object:
+        array, nulls = _with_nulls(name, value)
     if array.dtype.kind not in "iuf" or _holds_booleans(value):
         raise InvalidTensor(
             f"tensor {name!r} must hold only numbers (and be rectangular)", tensor=name
         )
-    if array.size > limits.max_elements:
+    # As for safetensors, the limit also bounds the non-zero dimensions of an empty tensor.
+    extent = math.prod(d for d in array.shape if d)
+    if extent > limits.max_elements:
+        held = f"{array.size} elements" if array.size else f"0 elements, but spans {extent}"
         raise InvalidTensor(
-            f"tensor {name!r} has {array.size} elements; the limit is {limits.max_elements}",
+            f"tensor {name!r} of shape {list(array.shape)} has {held}; the limit is "
+            f"{limits.max_elements}",
             slug="tensor-too-large",
             tensor=name,
         )
     with np.errstate(over="ignore"):
         out = np.asarray(array, dtype=dtype, order="C")
-    if not np.isfinite(out).all():  # JSON numbers are finite: these overflowed ``dtype``
+    finite = np.isfinite(out) if nulls is None else np.isfinite(out) | nulls
+    if not finite.all():  # JSON numbers are finite: these overflowed ``dtype``
         raise InvalidTensor(
             f"tensor {name!r} holds numbers beyond the range of {dtype} (largest magnitude "
             f"{float(np.finfo(dtype).max):.7g}): they would be NaN or Inf as {dtype}",
             tensor=name,
         )
     return out
+
+
+def _with_nulls(name: str, value: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Nested lists with ``null`` where a value is NaN or Inf (as this server writes them):
+    the numbers as float64 with NaN for each null, and where the nulls are. The session's
+    nonfinite policy then decides, as for any NaN."""
+    try:
+        leaves = np.array(value, dtype=object)
+        flat = leaves.reshape(-1).tolist()
+        if not all(x is None or type(x) in (int, float) for x in flat):
+            raise ValueError("not numbers")
+        nulls = np.array([x is None for x in flat], dtype=bool).reshape(leaves.shape)
+        numbers = np.array([np.nan if x is None else x for x in flat], dtype=np.float64)
+        return numbers.reshape(leaves.shape), nulls
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidTensor(
+            f"tensor {name!r} must hold only numbers or null (and be rectangular)", tensor=name
+        ) from None
 
 
 def _holds_booleans(value: Any) -> bool:

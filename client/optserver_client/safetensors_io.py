@@ -19,7 +19,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["BYTES", "DTYPES", "SafetensorsError", "allocate", "decode", "encode", "header_bytes"]
+__all__ = [
+    "BYTES",
+    "DTYPES",
+    "SafetensorsError",
+    "allocate",
+    "decode",
+    "encode",
+    "header_bytes",
+    "json_expressible",
+]
 
 #: Dtype names of the format and the numpy dtypes they are (floats: what tensors here are).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -33,6 +42,9 @@ _NAMES = {dtype: name for name, dtype in {**DTYPES, **BYTES}.items()}
 #: The format caps its header at 100 MB; far less is plenty for any real document.
 MAX_HEADER_BYTES = 16 << 20
 MAX_NAME_LENGTH = 512
+#: numpy's index type (int64) bounds every dimension and, zero dimensions left out, the
+#: product of the dimensions times the item size: even an empty array is refused beyond it.
+MAX_INDEX = 2**63 - 1
 
 Buffer = bytes | bytearray | memoryview
 
@@ -41,13 +53,15 @@ class SafetensorsError(ValueError):
     """A document that is not valid safetensors, or exceeds a limit.
 
     ``kind``: ``malformed`` (structure), ``dtype`` (a dtype not supported), ``too-large`` (a
-    tensor over ``max_elements``) or ``too-many`` (more than ``max_tensors`` tensors).
+    tensor over ``max_elements``, or dimensions no array index can hold), ``too-many`` (more
+    than ``max_tensors`` tensors) or ``shape`` (a zero-element shape that JSON nested lists
+    cannot carry, refused only when ``decode`` is asked to: ``json_shapes``).
     """
 
     def __init__(
         self,
         message: str,
-        kind: Literal["malformed", "dtype", "too-large", "too-many"] = "malformed",
+        kind: Literal["malformed", "dtype", "too-large", "too-many", "shape"] = "malformed",
         tensor: str | None = None,
     ) -> None:
         super().__init__(message)
@@ -107,10 +121,15 @@ def decode(
     max_elements: int | None = None,
     max_rank: int = 64,
     dtypes: Mapping[str, np.dtype[Any]] = DTYPES,
+    json_shapes: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors (views of ``body`` where aligned; writable if ``body`` is) and metadata.
 
-    Everything in the header is checked before any array is made.
+    Everything in the header is checked before any array is made. ``max_elements`` bounds
+    the element count and also the product of the non-zero dimensions (a ``[0, 2**40]``
+    tensor holds nothing, but its dimensions are still absurd). ``json_shapes``: also refuse
+    zero-element tensors whose shape JSON nested lists cannot carry (see
+    :func:`json_expressible`), so that everything accepted round-trips in both encodings.
     """
     view = memoryview(body).cast("B")
     size = len(view)
@@ -143,7 +162,7 @@ def decode(
     data_start = 8 + header_len
     data_len = size - data_start
     spans = sorted(
-        _entry(name, entry, data_len, max_elements, max_rank, dtypes)
+        _entry(name, entry, data_len, max_elements, max_rank, dtypes, json_shapes)
         for name, entry in header.items()
     )
     position = 0
@@ -174,6 +193,7 @@ def _entry(
     max_elements: int | None,
     max_rank: int,
     dtypes: Mapping[str, np.dtype[Any]],
+    json_shapes: bool,
 ) -> tuple[int, int, str, np.dtype[Any], tuple[int, ...]]:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise SafetensorsError(f"invalid tensor name {name[:64]!r}")
@@ -193,10 +213,33 @@ def _entry(
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise SafetensorsError(f"tensor {name!r} has an invalid shape {shape!r}", tensor=name)
-    count = math.prod(shape)
-    if max_elements is not None and count > max_elements:
+    # numpy sizes an array by its non-zero dimensions even when another one is 0.
+    extent = math.prod(d for d in shape if d)
+    count = extent if all(shape) else 0
+    if max_elements is not None and extent > max_elements:
+        if count:
+            problem = f"has {count} elements"
+        else:
+            problem = f"has 0 elements, but its non-zero dimensions span {extent}"
         raise SafetensorsError(
-            f"tensor {name!r} has {count} elements; the limit is {max_elements}", "too-large", name
+            f"tensor {name!r} of shape {_shape_text(shape)} {problem}; the limit is {max_elements}",
+            "too-large",
+            name,
+        )
+    if extent * dtype.itemsize > MAX_INDEX:
+        raise SafetensorsError(
+            f"tensor {name!r} of shape {_shape_text(shape)} does not fit a 64-bit index: "
+            f"its non-zero dimensions times {dtype.itemsize} bytes exceed 2**63 - 1",
+            "too-large",
+            name,
+        )
+    if json_shapes and not json_expressible(shape):
+        raise SafetensorsError(
+            f"tensor {name!r} of shape {_shape_text(shape)} holds no elements in a shape JSON "
+            "nested lists cannot carry; a zero-element tensor may have one zero dimension, "
+            "the last (e.g. [0] or [3, 0])",
+            "shape",
+            name,
         )
     if (
         not isinstance(offsets, list)
@@ -215,3 +258,15 @@ def _entry(
             tensor=name,
         )
     return offsets[0], offsets[1], name, dtype, tuple(shape)
+
+
+def json_expressible(shape: tuple[int, ...] | list[int]) -> bool:
+    """Whether nested lists carry ``shape``: any shape with elements, and zero-element shapes
+    whose only zero dimension is the last (``[]`` is ``(0,)``, ``[[], []]`` is ``(2, 0)``)."""
+    return all(shape) or (shape[-1] == 0 and all(shape[:-1]))
+
+
+def _shape_text(shape: list[int]) -> str:
+    """The shape for a message, shortened: a hostile header's shape may be long."""
+    text = str(list(shape))
+    return text if len(text) <= 200 else text[:180] + f"... (rank {len(shape)})"

@@ -77,8 +77,14 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     )
     app.state.settings = settings
     app.state.store = store
-    app.state.metrics = metrics = Metrics(store)
+    app.state.metrics = metrics = Metrics(
+        store,
+        sessions=settings.metrics_sessions,
+        workers=settings.metrics_workers,
+        label_bytes=settings.metrics_label_bytes,
+    )
     app.state.coordinator = coordinator
+    app.state.data_dir = data_dir  # None without a data directory; /readyz asks its health
     install_problem_handlers(app)
     for module in (sessions, state, tensors, health):
         app.include_router(module.router)
@@ -90,10 +96,17 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
 async def _maintenance(
     settings: Settings, store: SessionStore, coordinator: Coordinator, data_dir: DataDir | None
 ) -> None:
-    """Expire idle sessions and take periodic snapshots, in the background."""
+    """Expire idle sessions, take periodic snapshots and, while the journal cannot write,
+    probe whether it can again (so the server recovers without a client's push), in the
+    background."""
     period = 1.0 if settings.session_ttl_s is None else min(1.0, settings.session_ttl_s / 4)
     while True:
         await asyncio.sleep(period)
+        if data_dir is not None and not data_dir.health()[0]:
+            try:  # first and on its own: an expiry refused by the journal must not skip it
+                await anyio.to_thread.run_sync(data_dir.probe)
+            except Exception:
+                log.exception("probing the data directory failed")
         try:
             if settings.session_ttl_s is not None:
                 for session_id in await anyio.to_thread.run_sync(

@@ -105,9 +105,7 @@ def decode_push(body: Buffer, fmt: Format, session: Session, settings: Settings)
         params = {
             n[len(PARAMS_PREFIX) :]: t for n, t in tensors.items() if n.startswith(PARAMS_PREFIX)
         }
-        worker = metadata.get("worker") or None
-        if worker is not None and len(worker) > 256:
-            raise UnprocessableContent("__metadata__ 'worker' is longer than 256 characters")
+        worker = _worker(metadata.get("worker") or None, "__metadata__ 'worker'")
         return Push(
             grads=grads,
             params={k: _as_param(k, v) for k, v in params.items()},
@@ -124,8 +122,22 @@ def decode_push(body: Buffer, fmt: Format, session: Session, settings: Settings)
         params=decode_tensors_json(request.params or {}, dtype_of, lim),
         lr=request.lr,
         base_version=request.base_version,
-        worker=request.worker,
+        worker=_worker(request.worker, "worker"),
     )
+
+
+def _worker(worker: str | None, where: str) -> str | None:
+    """A worker id: at most 256 printable characters (JSON escapes can spell control
+    characters or half a UTF-16 pair, which no encoder writes back: info would fail)."""
+    if worker is None:
+        return None
+    if len(worker) > 256:
+        raise UnprocessableContent(f"{where} is longer than 256 characters", option="worker")
+    if not worker.isprintable():
+        raise UnprocessableContent(
+            f"{where} must be printable Unicode text, got {worker[:64]!r}", option="worker"
+        )
+    return worker
 
 
 def _as_param(name: str, value: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -10,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from optserver.api.http import response_format
 from optserver.config import Settings
 from optserver.coordinator import Coordinator
+from optserver.errors import Unauthorized
 from optserver.metrics import Metrics
 from optserver.store import Session, SessionStore
 
@@ -17,6 +19,7 @@ __all__ = [
     "AcceptsJSON",
     "AdminDep",
     "CoordinatorDep",
+    "MetricsAuth",
     "MetricsDep",
     "SessionDep",
     "SettingsDep",
@@ -60,6 +63,27 @@ async def _admin(store: StoreDep, credentials: Credentials) -> None:
     store.check_admin(_token(credentials))
 
 
+def _metrics_keys(settings: Settings) -> list[str]:
+    """The bearer tokens that open /metrics; none: it is open (``metrics_public``, or neither
+    an admin key nor a metrics token set)."""
+    if settings.metrics_public:
+        return []
+    return [k.get_secret_value() for k in (settings.admin_key, settings.metrics_token) if k]
+
+
+async def _metrics_auth(settings: SettingsDep, credentials: Credentials) -> None:
+    keys = _metrics_keys(settings)
+    if not keys:
+        return
+    token = _token(credentials)
+    if token is None:
+        raise Unauthorized("/metrics needs 'Authorization: Bearer <metrics token or admin key>'")
+    # Every key is compared, each in constant time: no early exit tells which one was close.
+    matches = [hmac.compare_digest(token.encode(), key.encode()) for key in keys]
+    if not any(matches):
+        raise Unauthorized("the token does not open /metrics")
+
+
 async def _session(
     session_id: Annotated[str, Path(max_length=64, description="Session id.")],
     store: StoreDep,
@@ -73,6 +97,8 @@ async def _answers_json(request: Request) -> None:
 
 
 AdminDep = Depends(_admin)
+#: For /metrics: the metrics token or the admin key, when either is set (401 otherwise).
+MetricsAuth = Depends(_metrics_auth)
 #: For routes that answer in JSON only: an Accept header that excludes JSON gets 406.
 AcceptsJSON = Depends(_answers_json)
 SessionDep = Annotated[Session, Depends(_session)]

@@ -153,6 +153,11 @@ class SessionInfo(BaseModel):
     schedule: dict[str, Any] | None
     lr: float = Field(description="The learning rate the next step will use.")
     nonfinite: NonFinitePolicy
+    nonfinite_tensors: list[str] = Field(
+        default_factory=list,
+        description="Tensors whose weights or optimizer state hold NaN or Inf (only the "
+        "`allow` policy puts them there; `PUT params?reset_state=true` clears the state).",
+    )
     params: list[TensorInfo]
     counters: Counters
     memory_bytes: int

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from optserver.api.deps import MetricsDep, StoreDep
-from optserver.api.schemas import problem_responses
+from optserver.api.deps import MetricsAuth, MetricsDep, StoreDep
+from optserver.api.schemas import ADMIN_SECURITY, problem_responses
+from optserver.durability import DataDir
 
 router = APIRouter(tags=["operations"])
 
@@ -21,19 +22,55 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness", responses=SERVER_ERROR)
-async def readyz(store: StoreDep) -> dict[str, object]:
-    return {"status": "ok", "sessions": len(store)}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "Not ready: the data directory's journal cannot record changes now "
+        "(`reason` says why, and whether it recovers by itself or needs a restart).",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "status": {"type": "string", "enum": ["unavailable"]},
+                        "reason": {"type": "string"},
+                        "sessions": {"type": "integer"},
+                    },
+                    "required": ["status", "reason", "sessions"],
+                }
+            }
+        },
+    }
+}
+
+
+@router.get("/readyz", summary="Readiness", responses={**NOT_READY, **SERVER_ERROR})
+async def readyz(request: Request, response: Response, store: StoreDep) -> dict[str, object]:
+    data_dir: DataDir | None = getattr(request.app.state, "data_dir", None)
+    if data_dir is None:
+        return {"status": "ok", "sessions": len(store), "journal": "none"}
+    ok, reason = data_dir.health()  # lock-free: never waits for a slow disk
+    if not ok:
+        response.status_code = 503
+        response.headers["Retry-After"] = "1"
+        return {"status": "unavailable", "reason": reason, "sessions": len(store)}
+    return {"status": "ok", "sessions": len(store), "journal": "ok"}
 
 
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    description="Needs the metrics token or the admin key as a bearer token when either is "
+    "set (unless `metrics_public`). Per-session and per-worker series are bounded: sessions "
+    "and workers beyond the configured limits are folded into `_other`.",
     response_class=Response,
+    dependencies=[MetricsAuth],
+    openapi_extra=ADMIN_SECURITY,
     responses={
         200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+        401: problem_responses(),
         **SERVER_ERROR,
     },
 )
 async def metrics(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Generated in a worker thread: a large scrape must not hold up the event loop.
+    return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)

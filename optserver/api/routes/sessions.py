@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -28,10 +30,13 @@ from optserver.api.schemas import (
     request_body,
     responses,
 )
-from optserver.store import KEEP
+from optserver.store import KEEP, Session
 from optserver.wire import encode_json
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+#: A create body over the JSON limit: the weights can follow as safetensors.
+CREATE_HINT = "create the session without params, then PUT them to its /params as safetensors"
 
 
 def _json(payload: object, status: int = 200, version: int | None = None) -> RawResponse:
@@ -52,19 +57,30 @@ def _json(payload: object, status: int = 200, version: int | None = None) -> Raw
 )
 async def create_session(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
     request_format(request, ("json",))
-    body = await read_body(request, settings.max_body_bytes)
-    spec = parse_json(CreateSessionRequest, body)
-    dtype = np.dtype(spec.dtype)
-    params = decode_tensors_json(spec.params or {}, lambda _: dtype, limits(settings))
-    session, token = store.create(
-        optimizer=spec.optimizer,
-        name=spec.name,
-        mode=spec.mode,
-        schedule=spec.schedule,
-        nonfinite=spec.nonfinite or settings.nonfinite,
-        params=params,
-    )
-    await run_in_threadpool(store.sync)
+    body = await read_body(request, settings, "json", json_hint=CREATE_HINT)
+
+    def parse() -> tuple[CreateSessionRequest, np.dtype[Any], dict[str, np.ndarray]]:
+        spec = parse_json(CreateSessionRequest, body)
+        dtype = np.dtype(spec.dtype)
+        params = decode_tensors_json(spec.params or {}, lambda _: dtype, limits(settings))
+        return spec, dtype, params
+
+    spec, dtype, params = await run_in_threadpool(parse)  # parsing holds the GIL: off the loop
+
+    def create() -> tuple[Session, str]:  # copies the weights and journals them: off the loop
+        created = store.create(
+            optimizer=spec.optimizer,
+            name=spec.name,
+            mode=spec.mode,
+            schedule=spec.schedule,
+            nonfinite=spec.nonfinite or settings.nonfinite,
+            params=params,
+            dtype=dtype,
+        )
+        store.sync()
+        return created
+
+    session, token = await run_in_threadpool(create)
     return _json({**session.info(), "token": token}, 201, session.version)
 
 
@@ -101,7 +117,8 @@ async def get_session(session: SessionDep) -> Response:
 )
 async def patch_session(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
     request_format(request, ("json",))
-    spec = parse_json(PatchSessionRequest, await read_body(request, settings.max_body_bytes))
+    body = await read_body(request, settings, "json", json_hint="")  # options only: no tensors
+    spec = await run_in_threadpool(parse_json, PatchSessionRequest, body)
     fields = spec.model_fields_set
     ticket = session.configure(
         optimizer=spec.optimizer,

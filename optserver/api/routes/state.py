@@ -64,7 +64,7 @@ async def import_state(
     name: Annotated[str | None, Query(max_length=256, description="Rename the session.")] = None,
 ) -> Response:
     request_format(request, ("binary",))
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings, "binary")
 
     def load() -> tuple[dict[str, object], str]:
         tensors, metadata = decode_safetensors(body, limits(settings))

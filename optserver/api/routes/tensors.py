@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from optserver.api.codec import decode_params, decode_push
 from optserver.api.deps import AcceptsJSON, CoordinatorDep, MetricsDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
+from optserver.api.idempotency import fingerprint
 from optserver.api.schemas import (
     JSON,
     ParamsRequest,
@@ -22,12 +23,14 @@ from optserver.api.schemas import (
     responses,
 )
 from optserver.errors import ProblemError
-from optserver.replies import Answer, Reply, Returns, weights_reply
+from optserver.replies import MEDIA, Answer, Reply, Returns, weights_reply
+from optserver.store import Push
 from optserver.wire import encode_json
 
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["tensors"])
 
-#: Bodies above this are decoded in a worker thread (JSON parsing of big tensors is slow).
+#: Binary bodies above this are decoded in a worker thread; JSON ones always are (parsing holds
+#: the GIL for the whole document: on the event loop, it would stall every connection).
 INLINE_DECODE_BYTES = 256 << 10
 
 SAFETENSORS_PARAMS = "A safetensors document: tensors under their names."
@@ -49,16 +52,28 @@ def _reply(reply: Reply) -> RawResponse:
     "/params",
     dependencies=[AcceptsJSON],
     summary="Set or replace weights",
-    description="Tensors with the shape and dtype they had keep their optimizer state; new "
-    "names, or a new shape or dtype, start with fresh state. The version does not change.",
+    description="Tensors with the shape and dtype they had keep their optimizer state (unless "
+    "`reset_state=true`); new names, or a new shape or dtype, start with fresh state. The "
+    "version does not change.",
     openapi_extra=request_body(ParamsRequest, SAFETENSORS_PARAMS),
     responses=responses(PutParamsResponse),
 )
-async def put_params(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+async def put_params(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    reset_state: Annotated[
+        bool,
+        Query(
+            description="Start the optimizer state of every tensor written afresh (moments, "
+            "step counts), e.g. after NaN or Inf reached it under the `allow` policy."
+        ),
+    ] = False,
+) -> Response:
     fmt = request_format(request)
-    body = await read_body(request, settings.max_body_bytes)
+    body = await read_body(request, settings, fmt)
     tensors = await run_in_threadpool(decode_params, body, fmt, session, settings)
-    ticket = await run_in_threadpool(session.put_params, tensors)
+    ticket = await run_in_threadpool(lambda: session.put_params(tensors, reset_state=reset_state))
     if ticket is not None and session.recorder is not None:
         await run_in_threadpool(session.recorder.wait, ticket)
     with session.locked():
@@ -98,9 +113,13 @@ async def get_params(
     description="Applies one optimizer step (in async mode at once, in arrival order). "
     "`return=stepped` (default) answers with the tensors named in the push, `all` with every "
     "tensor, `none` with the version only. A retry that carries the `Idempotency-Key` of an "
-    "applied push gets the original answer (header `Idempotent-Replayed: true`) and nothing is "
-    "applied again; answers too large for the idempotency memory are re-encoded from the "
-    "current weights.",
+    "applied push gets the original answer (header `Idempotent-Replayed: true`), encoded as its "
+    "`Accept` asks, and nothing is applied again; the key is bound to the request (body, "
+    "`Content-Type`, `return`): the same key with a different request gets 422 "
+    "`idempotency-key-reused` and changes nothing. Answers too large for the idempotency memory "
+    "are re-encoded from the current weights. Under the `reject` policy a step that would leave "
+    "NaN or Inf in the weights or the optimizer state is refused with 422 `nonfinite-result` "
+    "and changes nothing.",
     openapi_extra=request_body(StepRequest, SAFETENSORS_STEP),
     responses=responses(StepResponse, SAFETENSORS_WEIGHTS),
 )
@@ -118,17 +137,25 @@ async def step(
     fmt_out = response_format(request)
     try:
         fmt_in = request_format(request)
-        body = await read_body(request, settings.max_body_bytes)
-        if len(body) > INLINE_DECODE_BYTES:
-            push = await run_in_threadpool(decode_push, body, fmt_in, session, settings)
-        else:
+        body = await read_body(request, settings, fmt_in)
+
+        def decode() -> tuple[Push, str | None]:
             push = decode_push(body, fmt_in, session, settings)
+            keyed = idempotency_key is not None
+            return push, fingerprint(body, MEDIA[fmt_in], return_) if keyed else None
+
+        if fmt_in == "json" or len(body) > INLINE_DECODE_BYTES:
+            push, digest = await run_in_threadpool(decode)  # JSON parsing holds the GIL
+        else:
+            push, digest = decode()
     except ProblemError as exc:
         session.reject(exc.slug)
         raise
     answer = Answer(fmt_out, return_)
     start = time.perf_counter()
-    reply = await coordinator.push(session, push, key=idempotency_key, answer=answer)
+    reply = await coordinator.push(
+        session, push, key=idempotency_key, answer=answer, fingerprint=digest
+    )
     metrics.step_seconds.observe(time.perf_counter() - start)
     if reply.ticket is not None and session.recorder is not None:
         # Outside the session's turn: the next push is applied meanwhile (group commit).

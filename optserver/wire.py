@@ -67,7 +67,9 @@ def decode_safetensors(
             raise InvalidTensor(detail, slug="unsupported-shape", tensor=exc.tensor) from None
         if exc.kind == "too-many":
             raise LimitExceeded(detail, slug="too-many-tensors") from None
-        raise BadRequest(detail, **({"tensor": exc.tensor} if exc.tensor else {})) from None
+        if exc.tensor:
+            raise BadRequest(detail, tensor=exc.tensor) from None
+        raise BadRequest(detail) from None
 
 
 encode_safetensors = safetensors_io.encode

@@ -173,3 +173,25 @@ def test_a_refused_step_in_the_journal_replays_as_refused(tmp_path: Path) -> Non
         assert r.status_code == 200, r.text
         assert r.json() == {"version": 1, "params": {"w": expected}}
         assert info(server, s)["counters"]["rejected_by_reason"] == {"nonfinite-result": 1}
+
+
+def test_json_clients_can_send_back_what_they_receive(server: LiveServer) -> None:
+    """NaN and Inf are written as null in JSON; null reads back as NaN, and the session's
+    policy decides: stored under allow, refused (422 nonfinite, nothing changed) under reject."""
+    s = created(server, {"name": "sgd"}, {"w": [1.0, 2.0]}, nonfinite="allow")
+    base = f"{server.url}/v1/sessions/{s['id']}"
+    r = httpx.put(base + "/params", json={"params": {"w": [None, 2.0]}}, headers=auth(s["token"]))
+    assert r.status_code == 200, r.text
+    pulled = httpx.get(base + "/params", headers=auth(s["token"])).json()
+    assert pulled["params"]["w"] == [None, 2.0]
+    r = httpx.put(base + "/params", json={"params": pulled["params"]}, headers=auth(s["token"]))
+    assert r.status_code == 200, r.text
+    assert info(server, s)["nonfinite_tensors"] == ["w"]
+    strict = created(server, {"name": "sgd"}, {"w": [1.0, 2.0]})
+    with unchanged(server, strict):
+        r = httpx.put(
+            f"{server.url}/v1/sessions/{strict['id']}/params",
+            json={"params": {"w": [None, 2.0]}},
+            headers=auth(strict["token"]),
+        )
+        assert_problem(r, 422, "NaN or Inf")

@@ -19,6 +19,7 @@ import pytest
 from optserver_client import safetensors_io
 
 from tests.live import LiveServer, live_server
+from tests.rawhttp import read_response
 
 JSON = "application/json"
 ST = "application/octet-stream"
@@ -46,19 +47,8 @@ def _digits(n: int) -> bytes:
 
 
 def _read_answer(sock: socket.socket) -> tuple[int, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the connection closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
-    while len(body) < int(headers.get("content-length", "0")):
-        chunk = sock.recv(65536)
-        assert chunk
-        body += chunk
-    return int(lines[0].split()[1]), body
+    status, _, body = read_response(sock, strict=True)
+    return status, body
 
 
 ROUTES = [

@@ -17,7 +17,6 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from optserver.journal import Journal, JournalFailed, JournalUnwritable, State, 
 from optserver.replies import Answer
 from optserver.store import Push, SessionStore
 from tests.live import LiveServer, free_port, live_server
+from tests.test_durability import kill, one_hot
 
 ST = "application/octet-stream"
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs needs root")
@@ -108,17 +108,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
-
-
-def kill(server: LiveServer) -> None:
-    os.kill(server.process.pid, signal.SIGKILL)
-    server.process.wait()
-
-
-def one_hot(index: int, size: int) -> np.ndarray:
-    g = np.zeros(size)
-    g[index] = 1.0
-    return g
 
 
 class Pushes:

@@ -24,6 +24,7 @@ import pytest
 import safetensors.numpy as stn
 
 from tests.live import LiveServer, live_server
+from tests.rawhttp import read_response
 
 ST = "application/octet-stream"
 JSON = "application/json"
@@ -139,26 +140,6 @@ def _port(server: LiveServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
-def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of one HTTP/1.1 answer with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the connection closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, headers, body[:length]
-
-
 def _request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
     lines = [
         f"{method} {path} HTTP/1.1",
@@ -197,7 +178,7 @@ def test_declared_length_over_the_limit_is_refused_before_the_body(
         )
         start = time.monotonic()
         sock.sendall(head + b'{"grads": {"b": [1')
-        status, headers, body = _read_response(sock)
+        status, headers, body = read_response(sock)
         elapsed = time.monotonic() - start
     assert status == 413, body
     assert headers["content-type"].startswith("application/problem+json")
@@ -240,7 +221,7 @@ def test_chunked_body_over_the_limit_is_refused_while_streaming(
             except OSError:  # the server stopped reading, or closed after answering
                 break
             sent += len(piece)
-        status, headers, body = _read_response(sock)
+        status, headers, body = read_response(sock)
     assert status == 413, body
     assert headers["content-type"].startswith("application/problem+json")
     assert str(LIMIT) in json.loads(body)["detail"]

@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.live import LiveServer, live_server
+from tests.rawhttp import read_response
 
 ST = "application/octet-stream"
 JSON = "application/json"
@@ -61,23 +62,9 @@ def _proc_status(pid: int) -> dict[str, int]:
 
 
 def _read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of one answer with a Content-Length."""
+    """Status, headers and body of one whole answer, and nothing after it so far."""
     sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the connection closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "the answer was cut short"
-        body += chunk
-    assert len(body) == length, "more than one answer"
-    return int(lines[0].split()[1]), headers, body
+    return read_response(sock, strict=True)
 
 
 def _closed_within(sock: socket.socket, timeout: float) -> bool:

@@ -175,3 +175,25 @@ def test_unknown_sessions_need_credentials_too(admin_server: LiveServer) -> None
     assert_problem(httpx.get(unknown, headers=admin_server.admin_headers()), 404)
     assert httpx.delete(known, headers=auth(s["token"])).status_code == 204
     assert_problem(httpx.get(known, headers=auth(s["token"])), 404)  # its own, deleted
+
+
+def test_fingerprint_sees_any_one_change() -> None:
+    """One changed element anywhere in a large body, one changed byte in an odd-length tail,
+    another media type or return option: another fingerprint; the same request: the same."""
+    from optserver_client import safetensors_io
+
+    from optserver.api.idempotency import fingerprint
+
+    g = np.random.default_rng(0).standard_normal(1_000_003).astype(np.float32)
+    body = bytes(safetensors_io.encode({"w": g}, {"lr": "0.1"}))
+    same = fingerprint(body, ST, "stepped")
+    assert fingerprint(bytes(body), ST, "stepped") == same
+    seen = {same}
+    for position in (len(body) // 2, len(body) - 1, len(body) - 9, 200_000):
+        changed = bytearray(body)
+        changed[position] ^= 1
+        seen.add(fingerprint(changed, ST, "stepped"))
+    seen.add(fingerprint(body, "application/json", "stepped"))
+    seen.add(fingerprint(body, ST, "all"))
+    seen.add(fingerprint(body[:-1], ST, "stepped"))
+    assert len(seen) == 8

@@ -4,17 +4,23 @@ It covers everything that changes what a push does: the body (gradients, weights
 ``base_version``, ``worker``), its media type, and the ``return`` option. ``Accept`` is left
 out on purpose: a retry may ask for the same answer in another encoding, and gets it.
 
-The body's digest is CRC-32 over all of it plus SHA-256 over its first 64 KiB (which hold a
-safetensors header, or all of a small JSON body) and its length. A full SHA-256 would cost
-19 ms on a 40 MB body here (a fifth of a 1e7-element step), CRC-32 under 6 ms; the key's
-owner is the only one who could forge a collision, and would gain nothing by it: the
+The body's digest is SHA-256 over its first 64 KiB (a safetensors header, or all of a small
+JSON body), its length, its last few bytes, and a position-weighted sum of all its 64-bit
+words modulo 2**64, ``sum(w[i] * (2i + 1))``: the odd weights are invertible, so a change to
+any one word always changes the sum, and unrelated bodies collide with odds of 2**-64. The
+sum is a vectorized numba loop, written here because the library digests cost a pass that is
+several times slower over the large bodies that every push carries (40 MB, here: SHA-256
+19 ms, CRC-32 5.3 ms, this sum 0.9 ms). It is no cryptographic hash, and needs none: the key's
+owner is the only one who could forge a collision and would gain nothing by it; the
 fingerprint guards against a client reusing a key by mistake, not against an adversary.
 """
 
 from __future__ import annotations
 
 import hashlib
-import zlib
+
+import numba
+import numpy as np
 
 from optserver.wire import Buffer
 
@@ -23,10 +29,23 @@ __all__ = ["fingerprint"]
 _HEAD = 64 << 10
 
 
+@numba.njit(nogil=True, cache=True)
+def _weighted_sum(words: np.ndarray) -> np.uint64:  # compiled for the uint64 arrays it is given
+    total = np.uint64(0)
+    for i in range(words.shape[0]):
+        total += words[i] * np.uint64(2 * i + 1)
+    return total
+
+
 def fingerprint(body: Buffer, media_type: str, returns: str) -> str:
     """A short hex digest of a push request (see the module's docstring)."""
     view = memoryview(body).cast("B")
+    whole = len(view) // 8 * 8
+    words = np.frombuffer(view[:whole], dtype=np.uint64)
+    if not words.flags.aligned:  # only an odd layout pays this copy
+        words = words.copy()
     digest = hashlib.sha256()
-    digest.update(f"{media_type}\n{returns}\n{len(view)}\n{zlib.crc32(view)}\n".encode())
+    digest.update(f"{media_type}\n{returns}\n{len(view)}\n{_weighted_sum(words)}\n".encode())
+    digest.update(view[whole:])
     digest.update(view[:_HEAD])
     return digest.hexdigest()[:32]

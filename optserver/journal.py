@@ -251,11 +251,6 @@ class Journal:
         return self._segment_bytes
 
     @property
-    def written(self) -> int:
-        """The ticket of the last record appended."""
-        return self._written
-
-    @property
     def status(self) -> Status:
         return self._status
 

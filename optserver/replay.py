@@ -58,12 +58,6 @@ class ReplayCache:
         self._entries: OrderedDict[str, Remembered] = OrderedDict()
         self._bytes = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
     def entries(self) -> Iterator[tuple[str, Remembered]]:
         """Every entry, oldest first (for snapshots)."""
         return iter(list(self._entries.items()))
@@ -87,18 +81,11 @@ class ReplayCache:
         """Keep the answer ``reply`` (made by ``answer`` from the tensors ``chosen``)."""
         if self.max_keys <= 0:
             return
+        binary = reply.media_type == BINARY
+        size = len(reply.body) if binary else sum(a.nbytes for a in chosen.values())
         body: Buffer | None = None
-        size = (
-            len(reply.body)
-            if reply.media_type == BINARY
-            else sum(a.nbytes for a in chosen.values())
-        )
-        if size <= self.max_bytes // 4:
-            body = (
-                reply.body
-                if reply.media_type == BINARY
-                else _canonical(reply.version, applied, chosen)
-            )
+        if size <= self.max_bytes // 4:  # a binary answer is kept as it is: no second copy
+            body = reply.body if binary else Answer("binary")(reply.version, applied, chosen).body
         memo = Remembered(
             body, answer.returns, tuple(chosen), applied, reply.version, fingerprint, reply.ticket
         )
@@ -146,7 +133,3 @@ class ReplayCache:
             tensors, _ = safetensors_io.decode(memo.body)
             reply = replay(memo.version, memo.applied, tensors)
         return Reply(reply.body, reply.media_type, reply.version, replayed=True, ticket=memo.ticket)
-
-
-def _canonical(version: int, applied: bool, chosen: Mapping[str, np.ndarray]) -> Buffer:
-    return Answer("binary")(version, applied, chosen).body

@@ -341,7 +341,10 @@ class Session:
                     if reset_state:
                         state = self.state[name] = self.optimizer.init_tensor(current)
                     state.unchecked = True
-                    state.nonfinite = nonfinite[name] or state.holds_nonfinite()
+                    # The flag is kept exact: only state that had NaN or Inf needs a look.
+                    state.nonfinite = nonfinite[name] or (
+                        state.nonfinite and state.holds_nonfinite()
+                    )
                 else:
                     self._register(name, value)
                     self.state[name].nonfinite = nonfinite[name]
@@ -438,13 +441,19 @@ class Session:
         """Set the pushed weights and step; under ``reject`` and ``skip`` a step that would
         leave NaN or Inf anywhere is undone whole: False under ``skip``, 422 under ``reject``."""
         finite = self.nonfinite != "allow"
-        saved: dict[str, np.ndarray] = {}
         registered = [n for n in pushed if n not in self.params]
-        if finite and pushed and not registered:
-            merged = {**self.params, **pushed}
-            if self.optimizer.guarded(grads, self.state, merged, lr=lr, large=large):
-                saved = {n: self.params[n].copy() for n in pushed}
-        elif finite and registered:
+        saved: dict[str, np.ndarray] = {}  # the weights a refusal restores
+        # A new tensor is always guarded; otherwise ask whether any is: if none, none can fail.
+        if (
+            finite
+            and pushed
+            and (
+                registered
+                or self.optimizer.guarded(
+                    grads, self.state, {**self.params, **pushed}, lr=lr, large=large
+                )
+            )
+        ):
             saved = {n: self.params[n].copy() for n in pushed if n in self.params}
         for name, value in pushed.items():
             if name in self.params:
@@ -654,17 +663,10 @@ class Session:
             )
         lr = None
         if push.lr is not None:
-            _hyper(lambda: self.optimizer.check_lr(push.lr))  # type: ignore[arg-type]
+            stepped = (push.params.get(n, self.params.get(n)) for n in push.grads)
+            dtypes = {_param_dtype(p.dtype) for p in stepped if p is not None}
+            _hyper(lambda: self.optimizer.check_lr(push.lr, dtypes))  # type: ignore[arg-type]
             lr = push.lr
-            for name in push.grads:
-                param = push.params.get(name, self.params.get(name))
-                if param is not None and abs(lr) > float(np.finfo(_param_dtype(param.dtype)).max):
-                    raise UnprocessableContent(
-                        f"lr {lr!r} is beyond the range of {_param_dtype(param.dtype)}, the "
-                        f"dtype of tensor {name!r}: it would be Inf",
-                        slug="invalid-hyperparameter",
-                        option="lr",
-                    )
         elif self.schedule is not None:
             lr = self.scheduled_lr()
         extra = [n for n in push.params if n not in push.grads]

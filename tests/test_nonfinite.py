@@ -105,6 +105,17 @@ def test_hyperparameters_beyond_the_dtype_are_refused(server: LiveServer) -> Non
     assert step(server, s, {"grads": {"w": [1.0]}}).status_code == 200
 
 
+def test_a_step_lr_beyond_the_tensors_dtype_is_refused(server: LiveServer) -> None:
+    s = created(server, {"name": "sgd", "lr": 0.1}, {"w": [1.0], "d": [1.0]})
+    with unchanged(server, s):
+        r = step(server, s, {"grads": {"w": [1.0]}, "lr": 1e300})
+        problem = assert_problem(r, 422, "lr", "float32")
+    assert problem["type"] == "urn:optserver:problem:invalid-hyperparameter"
+    # The same lr is finite for float64 weights: the step is taken.
+    s = created(server, {"name": "sgd", "lr": 0.1}, {"w": [1e-300]}, dtype="float64")
+    assert step(server, s, {"grads": {"w": [1.0]}, "lr": 1e300}).status_code == 200
+
+
 def test_sync_round_with_a_nonfinite_result_applies_nothing(server: LiveServer) -> None:
     s = created(
         server,

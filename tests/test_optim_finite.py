@@ -110,11 +110,17 @@ def test_steady_state_steps_copy_nothing() -> None:
 
 
 def test_guarded_and_unguarded_steps_agree_near_the_bound() -> None:
-    """Values just above the bound make the next step guarded; results stay identical."""
+    """Values just above the bound make the next steps guarded (a rollback copy each); their
+    results are bit for bit those of unguarded steps."""
     bound = magnitude_bound(np.dtype(np.float32))
     opt = create({"name": "sgd", "lr": 1e-3, "momentum": 0.9})
     params = {"w": np.array([bound * 2, 1.0], np.float32)}
-    state = opt.init(params)
-    opt.update({"w": np.array([1.0, 1.0], np.float32)}, state, params, finite=True)
-    assert state["w"].unchecked  # the weights are outside the bound: keep guarding
-    assert opt.guarded({"w": params["w"]}, state, params) == ["w"]
+    mirror = {"w": params["w"].copy()}
+    state, mirror_state = opt.init(params), opt.init(mirror)
+    for g in ([1.0, 1.0], [-3.0, 0.5], [2.0, -1.0]):
+        grad = {"w": np.array(g, np.float32)}
+        assert opt.guarded(grad, state, params) == ["w"]  # outside the bound: keep guarding
+        opt.update(grad, state, params, finite=True)
+        opt.update(grad, mirror_state, mirror)
+        assert state["w"].unchecked
+    assert _snapshot(params, state) == _snapshot(mirror, mirror_state)

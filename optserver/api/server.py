@@ -45,6 +45,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from optserver.api.problems import PROBLEM
 from optserver.config import Settings
 from optserver.errors import HeadersTooLarge, ProblemError, RequestTimeout, ServiceUnavailable
 from optserver.wire import encode_json
@@ -262,7 +263,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         lines += [name + b": " + value for name, value in self.server_state.default_headers]
         lines += [f"{name}: {value}".encode("latin-1") for name, value in problem.headers.items()]
         lines += [
-            b"content-type: application/problem+json",
+            f"content-type: {PROBLEM}".encode(),
             b"content-length: %d" % len(body),
             b"connection: close",
         ]

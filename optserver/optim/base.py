@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import numpy as np
@@ -247,17 +247,21 @@ class Optimizer(ABC, Generic[H, S]):
 
     def check_dtype(self, dtype: np.dtype[Any]) -> None:
         """Every float hyperparameter is finite in ``dtype`` (lr=1e300 is not, in float32)."""
-        largest = float(np.finfo(dtype).max)
         for option, value in self.hparams.to_dict().items():
             values = value if isinstance(value, list) else [value]
             for index, item in enumerate(values):
-                if isinstance(item, float) and not abs(item) <= largest:
+                if isinstance(item, float):
                     where = option if len(values) == 1 else f"{option}[{index}]"
-                    raise HyperparameterError(
-                        f"{self.name}: {where} = {item!r} is beyond the range of {dtype} "
-                        f"(largest {largest:.7g}): it would be Inf in the tensors' dtype",
-                        option=where,
-                    )
+                    self._check_fits(where, item, dtype)
+
+    def _check_fits(self, option: str, value: float, dtype: np.dtype[Any]) -> None:
+        largest = float(np.finfo(dtype).max)
+        if not abs(value) <= largest:
+            raise HyperparameterError(
+                f"{self.name}: {option} = {value!r} is beyond the range of {dtype} "
+                f"(largest {largest:.7g}): it would be Inf in the tensors' dtype",
+                option=option,
+            )
 
     def _complete(self, state: S, param: np.ndarray) -> None:
         """Allocate arrays an option needs but the state lacks (an option changed mid-run)."""
@@ -391,8 +395,11 @@ class Optimizer(ABC, Generic[H, S]):
             # output_bound says this cannot happen; if it did, the bound has a bug.
             assert not state[name].nonfinite, f"unguarded step of {name!r} was not finite"
 
-    def check_lr(self, lr: float) -> None:
+    def check_lr(self, lr: float, dtypes: Iterable[np.dtype[Any]] = ()) -> None:
         """Validate a per-step learning-rate override as strictly as the configured one (the
-        same coercion and rule, without rebuilding every hyperparameter on each step)."""
+        same coercion and rule, without rebuilding every hyperparameter on each step), and
+        finite in the ``dtypes`` of the tensors it steps."""
         value = float(_coerce(self.name, "lr", lr, float))  # type: ignore[arg-type]
         require(value >= 0.0, self.name, "lr", lr, ">= 0")
+        for dtype in dtypes:
+            self._check_fits("lr", value, dtype)

@@ -154,8 +154,12 @@ def _holds_booleans(value: Any) -> bool:
 
 
 def json_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Tensors ready for :func:`encode_json`: rank 0 becomes a bare number."""
-    return {n: (a.item() if a.ndim == 0 else a) for n, a in tensors.items()}
+    """Tensors ready for :func:`encode_json`: rank 0 becomes a bare number.
+
+    A rank-0 tensor stays a numpy scalar (not a Python float), so that a float32 value is
+    written, as arrays are, in the shortest form that reads back as the same float32:
+    ``0.49``, not ``0.49000000953674316``."""
+    return {n: (a[()] if a.ndim == 0 else a) for n, a in tensors.items()}
 
 
 def encode_json(payload: Any) -> bytes:

@@ -255,6 +255,25 @@ def test_step_return_modes_and_subsets(server: LiveServer) -> None:
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_json_numbers_are_the_shortest_that_read_back_as_the_tensor(
+    server: LiveServer, dtype: str
+) -> None:
+    """float32 0.49 is written 0.49, not as the float64 0.49000000953674316 (rank 0 too)."""
+    s = new_session(server, params={"w": [1.0, 2.0], "b": 0.5}, dtype=dtype)
+    r = step_json(server, s, {"grads": {"w": [0.1, 0.1], "b": 0.1}, "lr": 0.1})
+    assert r.status_code == 200, r.text
+    kind = np.dtype(dtype).type
+    b, w0 = kind(0.5) - kind(0.1) * kind(0.1), kind(1.0) - kind(0.1) * kind(0.1)
+
+    def shortest(value: np.floating[Any]) -> str:  # numpy's shortest round trip in its dtype
+        return np.format_float_positional(value, unique=True, trim="-")
+
+    assert f'"b":{shortest(b)}' in r.text and f'"w":[{shortest(w0)},' in r.text, r.text
+    answer = r.json()["params"]
+    assert kind(answer["b"]) == b and kind(answer["w"][0]) == w0
+
+
 def test_float16_gradients_for_float32_parameters(server: LiveServer) -> None:
     s = new_session(server, params={"w": [1.0, 2.0, 3.0]})
     g = np.array([0.5, 0.25, -1.0], np.float16)

@@ -8,15 +8,31 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip
+# The Python client generator whose output the tests import and drive.
+GENERATOR ?= openapi-python-client==0.29.0
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install install-demo test lint format demo bench clean
+
+install-demo: $(VENV)/.demo-installed
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml client/pyproject.toml Makefile
-	$(PIP) install --quiet -e ./client -e '.[test,demo]'
-	$(PIP) install --quiet '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+# What the demo needs, and no more: the server, the client and scikit-learn (its dataset).
+$(VENV)/.demo-installed: $(BIN)/python pyproject.toml client/pyproject.toml Makefile
+	@echo "== installing the server, the client and the demo's scikit-learn into $(VENV)"
+	$(PIP) install --progress-bar on -e ./client -e '.[demo]'
+	touch $@
+
+# The test tooling on top: test extras, torch (CPU), a client generator (its own directory:
+# it pins an older typer than ours), the TypeScript generator's packages, and chromium.
+$(VENV)/.installed: $(VENV)/.demo-installed scripts/typescript-client/package-lock.json
+	@echo "== installing the test tooling and torch (CPU) into $(VENV)"
+	$(PIP) install --progress-bar on -e ./client -e '.[test,demo]'
+	$(PIP) install --progress-bar on '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install --quiet --upgrade --target $(VENV)/tools '$(GENERATOR)'
+	npm ci --prefix scripts/typescript-client --no-audit --no-fund
+	bash scripts/ensure_chromium.sh
 	touch $@
 
 install: $(VENV)/.installed
@@ -34,7 +50,7 @@ test: install lint
 	$(BIN)/python -m pytest
 
 # Four worker processes train a small MLP on scikit-learn's digits through an embedded server.
-demo: install
+demo: $(VENV)/.demo-installed
 	$(BIN)/optserver demo $(DEMO_ARGS)
 
 bench: install
@@ -42,7 +58,7 @@ bench: install
 	$(BIN)/python benchmarks/step_roundtrip.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) scripts/typescript-client/node_modules .pytest_cache .mypy_cache .ruff_cache
 
 # The compose stack for real (docker-compose.yml): a Docker engine of its own, a local base image,
 # offline wheels, three workers training through the server. Root, Debian; see the script.

@@ -11,6 +11,7 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from optserver import __version__
 from optserver.api.problems import install_problem_handlers
@@ -26,6 +27,9 @@ from optserver.store import SessionStore, StoreLimits
 __all__ = ["create_app"]
 
 log = logging.getLogger("optserver")
+
+#: The API's title, which generators turn into a package name: not the SDK's ``optserver_client``.
+TITLE = "optserver API"
 
 DESCRIPTION = """
 A parameter server over plain HTTP. Each session holds named tensors and the optimizer state
@@ -72,8 +76,9 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
             if data_dir is not None:
                 await anyio.to_thread.run_sync(data_dir.close)
 
-    app = FastAPI(
-        title="optserver", version=__version__, description=DESCRIPTION, lifespan=lifespan
+    # The docs pages' assets come from the package, not a CDN: /docs works offline.
+    app = FastAPIOffline(
+        title=TITLE, version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
     app.state.settings = settings
     app.state.store = store

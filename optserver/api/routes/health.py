@@ -17,7 +17,7 @@ router = APIRouter(tags=["operations"])
 SERVER_ERROR: dict[int | str, dict[str, Any]] = {"5XX": problem_responses()}
 
 
-@router.get("/healthz", summary="Liveness", responses=SERVER_ERROR)
+@router.get("/healthz", operation_id="health", summary="Liveness", responses=SERVER_ERROR)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -43,7 +43,12 @@ NOT_READY: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/readyz", summary="Readiness", responses={**NOT_READY, **SERVER_ERROR})
+@router.get(
+    "/readyz",
+    operation_id="ready",
+    summary="Readiness",
+    responses={**NOT_READY, **SERVER_ERROR},
+)
 async def readyz(request: Request, response: Response, store: StoreDep) -> dict[str, object]:
     data_dir: DataDir | None = getattr(request.app.state, "data_dir", None)
     if data_dir is None:
@@ -58,6 +63,7 @@ async def readyz(request: Request, response: Response, store: StoreDep) -> dict[
 
 @router.get(
     "/metrics",
+    operation_id="metrics",
     summary="Prometheus metrics",
     description="Needs the metrics token or the admin key as a bearer token when either is "
     "set (unless `metrics_public`). Per-session and per-worker series are bounded: sessions "

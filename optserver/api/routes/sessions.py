@@ -46,6 +46,7 @@ def _json(payload: object, status: int = 200, version: int | None = None) -> Raw
 
 @router.post(
     "",
+    operation_id="createSession",
     status_code=201,
     dependencies=[AdminDep, AcceptsJSON],
     summary="Create a session",
@@ -86,6 +87,7 @@ async def create_session(request: Request, store: StoreDep, settings: SettingsDe
 
 @router.get(
     "",
+    operation_id="listSessions",
     dependencies=[AdminDep, AcceptsJSON],
     summary="List sessions",
     openapi_extra=ADMIN_SECURITY,
@@ -97,6 +99,7 @@ async def list_sessions(store: StoreDep) -> Response:
 
 @router.get(
     "/{session_id}",
+    operation_id="getSession",
     dependencies=[AcceptsJSON],
     summary="Session info",
     responses=responses(SessionInfo),
@@ -108,6 +111,7 @@ async def get_session(session: SessionDep) -> Response:
 
 @router.patch(
     "/{session_id}",
+    operation_id="updateSession",
     dependencies=[AcceptsJSON],
     summary="Change hyperparameters, schedule, mode or NaN policy",
     description="Only the fields present change; `schedule: null` removes the schedule. The "
@@ -134,6 +138,7 @@ async def patch_session(request: Request, session: SessionDep, settings: Setting
 
 @router.delete(
     "/{session_id}",
+    operation_id="deleteSession",
     status_code=204,
     summary="Delete a session",
     responses=responses(None, status=204),

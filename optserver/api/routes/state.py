@@ -31,6 +31,7 @@ EXPORT = (
 
 @router.get(
     "/{session_id}/state",
+    operation_id="exportState",
     summary="Export the session's complete state",
     response_class=Response,  # safetensors only: no JSON body to announce
     responses=responses(None, EXPORT),
@@ -49,6 +50,7 @@ async def export_state(request: Request, session: SessionDep) -> Response:
 
 @router.post(
     "/import",
+    operation_id="importSession",
     status_code=201,
     dependencies=[AdminDep, AcceptsJSON],
     summary="Create a session from an export",

@@ -50,6 +50,7 @@ def _reply(reply: Reply) -> RawResponse:
 
 @router.put(
     "/params",
+    operation_id="putParams",
     dependencies=[AcceptsJSON],
     summary="Set or replace weights",
     description="Tensors with the shape and dtype they had keep their optimizer state (unless "
@@ -87,6 +88,7 @@ async def put_params(
 
 @router.get(
     "/params",
+    operation_id="pullParams",
     summary="Pull weights",
     responses=responses(ParamsResponse, SAFETENSORS_WEIGHTS),
 )
@@ -109,6 +111,7 @@ async def get_params(
 
 @router.post(
     "/step",
+    operation_id="step",
     summary="Push gradients; get the new weights",
     description="Applies one optimizer step (in async mode at once, in arrival order). "
     "`return=stepped` (default) answers with the tensors named in the push, `all` with every "

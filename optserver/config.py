@@ -8,12 +8,13 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["FsyncPolicy", "NonFinitePolicy", "Settings"]
+__all__ = ["FsyncPolicy", "LogLevel", "NonFinitePolicy", "Settings"]
 
 #: What a step does with a gradient that holds NaN or Inf: refuse it (422), acknowledge it
 #: without applying anything, or apply it anyway.
 NonFinitePolicy = Literal["reject", "skip", "allow"]
 FsyncPolicy = Literal["always", "interval", "never"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
 class Settings(BaseSettings):
@@ -115,7 +116,7 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(
         300.0, gt=0, description="Snapshot at least this often while sessions change."
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: LogLevel = Field("info", description="How much the server logs.")
     # /metrics: bounded whatever clients do (a scrape at these defaults stays well under 1 MB).
     metrics_sessions: int = Field(
         16,

@@ -359,7 +359,7 @@ def test_a_second_server_on_the_same_data_directory_refuses_to_start(tmp_path: P
         assert second.returncode == 1
         lines = stderr.strip().splitlines()
         assert len(lines) == 1, stderr
-        assert lines[0].startswith("optserver: cannot start: ")
+        assert lines[0].startswith("optserver: error: cannot start: ")
         assert str(tmp_path) in lines[0] and f"pid {first.process.pid}" in lines[0]
         assert pushes.push(1).status_code == 200  # the first one goes on
         assert readyz(first.url).status_code == 200

@@ -23,6 +23,10 @@ __all__ = ["WorkerPlan", "run_worker"]
 Emit = Callable[[dict[str, Any]], None]
 #: Steps between two progress events inside an epoch (for the demo's live table).
 PROGRESS_EVERY = 10
+#: Pushes of one step refused as stale before a worker gives up. With more workers than the
+#: ssp bound on few cores, a worker descheduled between its pull and its push can be refused
+#: several times in a row; each retry pulls fresh weights, so this only bounds a livelock.
+RETRIES = 100
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def run_worker(
             chosen = order[(np.arange(plan.batch) + k * plan.batch) % len(y)]
             compute = _batch_gradients(x[chosen], y[chosen], losses)
             base = session.version
-            weights = session.train_step(compute, weights, worker=plan.worker)
+            weights = session.train_step(compute, weights, worker=plan.worker, retries=RETRIES)
             # Steps by other workers between the weights used and this one's own step.
             staleness.append(max(0, session.version - 1 - base))
             steps += 1

@@ -42,7 +42,8 @@ def explain(error: BaseException) -> str | None:
     if isinstance(error, NotFoundError):
         return f"not found: {error.detail or error.title}"
     if isinstance(error, APIError):
-        return f"the server refused: {error.status} {error.title}: {error.detail or ''}".rstrip()
+        detail = f": {error.detail}" if error.detail else ""
+        return f"the server refused: {error.status} {error.title}{detail}"
     if isinstance(error, OptserverError | OptimError):
         return str(error)
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):

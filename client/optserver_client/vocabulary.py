@@ -1,0 +1,101 @@
+"""The protocol's names, defined once, for the server and every client.
+
+Media types, header names, the safetensors metadata keys and tensor-name prefix of a step body,
+the ``return`` modes of a step, and the problem types (``urn:optserver:problem:<slug>``) that
+errors are answered with. The server depends on this distribution, so both sides read the same
+constants: a name changed here changes on both sides, and a client maps a problem by its exact
+type, never by a suffix.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, TypeAlias
+
+__all__ = [
+    "BASE_VERSION_KEY",
+    "BINARY",
+    "IDEMPOTENCY_KEY_HEADER",
+    "JSON",
+    "LR_KEY",
+    "PARAMS_PREFIX",
+    "PROBLEM",
+    "PROBLEM_TYPE_BASE",
+    "REPLAYED_HEADER",
+    "RETRY_AFTER_HEADER",
+    "RETURN_MODES",
+    "VERSION_HEADER",
+    "VERSION_KEY",
+    "WORKER_KEY",
+    "ProblemSlug",
+    "ReturnMode",
+    "problem_type",
+]
+
+# --- media types ------------------------------------------------------------------------------
+JSON = "application/json"
+#: Tensors as a safetensors document.
+BINARY = "application/octet-stream"
+#: RFC 9457 problem details, the body of every error.
+PROBLEM = "application/problem+json"
+
+# --- headers ----------------------------------------------------------------------------------
+#: The session's version after the request (applied steps so far).
+VERSION_HEADER = "Optserver-Version"
+#: A push's retry key: a push with a key already applied gets the original answer back.
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+#: ``true`` on an answer replayed for an ``Idempotency-Key`` seen before.
+REPLAYED_HEADER = "Idempotent-Replayed"
+RETRY_AFTER_HEADER = "Retry-After"
+
+# --- a safetensors step body ------------------------------------------------------------------
+#: Current weights sent with a step sit under ``params/NAME``; gradients under ``NAME``.
+PARAMS_PREFIX = "params/"
+#: ``__metadata__`` keys of a step body (strings, as safetensors metadata is).
+LR_KEY = "lr"
+BASE_VERSION_KEY = "base_version"
+WORKER_KEY = "worker"
+#: ``__metadata__`` key of a weights answer.
+VERSION_KEY = "version"
+
+# --- what a step answers with (``?return=``) ----------------------------------------------------
+ReturnMode: TypeAlias = Literal["stepped", "all", "none"]
+RETURN_MODES: tuple[ReturnMode, ...] = ("stepped", "all", "none")
+
+# --- problems ---------------------------------------------------------------------------------
+PROBLEM_TYPE_BASE = "urn:optserver:problem:"
+
+
+class ProblemSlug(StrEnum):
+    """The last part of every problem type the server answers with."""
+
+    INVALID_REQUEST = "invalid-request"
+    MALFORMED_JSON = "malformed-json"
+    INVALID_TENSOR = "invalid-tensor"
+    UNSUPPORTED_SHAPE = "unsupported-shape"
+    TENSOR_TOO_LARGE = "tensor-too-large"
+    TOO_MANY_TENSORS = "too-many-tensors"
+    UNKNOWN_TENSOR = "unknown-tensor"
+    NO_GRADIENTS = "no-gradients"
+    NONFINITE = "nonfinite"
+    INVALID_HYPERPARAMETER = "invalid-hyperparameter"
+    WORKER_REQUIRED = "worker-required"
+    PARAMS_IN_SYNC_ROUND = "params-in-sync-round"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    UNKNOWN_SESSION = "unknown-session"
+    NOT_FOUND = "not-found"
+    STALE_GRADIENT = "stale-gradient"
+    FUTURE_VERSION = "future-version"
+    DUPLICATE_PUSH = "duplicate-push"
+    ROUND_FAILED = "round-failed"
+    IDEMPOTENCY_KEY_REUSED = "idempotency-key-reused"
+    TOO_MANY_SESSIONS = "too-many-sessions"
+    INSUFFICIENT_STORAGE = "insufficient-storage"
+    JOURNAL_UNAVAILABLE = "journal-unavailable"
+    INTERNAL_ERROR = "internal-error"
+
+
+def problem_type(slug: str) -> str:
+    """The ``type`` URI of a problem: ``urn:optserver:problem:<slug>``."""
+    return PROBLEM_TYPE_BASE + slug

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+import re
+from collections.abc import Callable, Mapping
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from optserver.optim import OptState, create
+from optserver.optim import OPTIMIZERS, SGD, HyperparameterError, Optimizer, OptState, create
+from optserver.optim.sgd import SGDHyperparams
+from tests import test_optim_core as core
 from tests.reference import torch_optim as ref
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 RTOL = {"float64": 1e-6, "float32": 1e-5}
 
@@ -99,26 +108,100 @@ def test_reference_data_is_current() -> None:
     assert meta["torch"].startswith("2.13.0")
 
 
+# Options no torch parity case can cover, and the test that checks each one instead.
+NOT_IN_TORCH: dict[str, dict[str, Callable[[], None]]] = {
+    "rmsprop": {"eps_inside_sqrt": core.test_rmsprop_eps_inside_sqrt_follows_the_seed_equation},
+}
+# Flags an optimizer accepts at their default only (adamw is adam with this one set).
+FIXED: dict[str, set[str]] = {"adamw": {"decoupled_weight_decay"}}
+
+
+def uncovered(
+    cases: list[dict[str, Any]], optimizers: Mapping[str, type[Optimizer[Any, Any]]] = OPTIMIZERS
+) -> list[str]:
+    """``optimizer.option`` for each declared hyperparameter that no case moves off its
+    default (``lr``: that no case changes at every step), except those of NOT_IN_TORCH and
+    FIXED."""
+    missing = []
+    for name, cls in optimizers.items():
+        ours = [c for c in cases if c["optimizer"] == name]
+        if not any(c["vary_lr"] for c in ours):
+            missing.append(f"{name}.lr")
+        default = cls().config()
+        for option in cls.hparams_type.names():
+            if option == "lr" or option in {*NOT_IN_TORCH.get(name, ()), *FIXED.get(name, ())}:
+                continue
+            if not any(c["options"].get(option, default[option]) != default[option] for c in ours):
+                missing.append(f"{name}.{option}")
+    return missing
+
+
 def test_every_table_option_is_covered() -> None:
-    """Each option of OPTIMIZERS.md's table takes a non-default value in some case."""
-    table = {
-        "sgd": ["lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"],
-        "adagrad": ["lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"],
-        "rmsprop": ["lr", "alpha", "eps", "weight_decay", "momentum", "centered"],
-        "adam": ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"],
-        "adamw": ["lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"],
-    }
-    for name, options in table.items():
-        # lr: every optimizer has a case that changes it at every step.
-        assert any(c["optimizer"] == name and c["vary_lr"] for c in CASES), name
-        options.remove("lr")
+    """Every hyperparameter each optimizer declares leaves its default in some parity case,
+    or is covered by the test NOT_IN_TORCH names, or cannot leave it (FIXED)."""
+    assert set(ref.TORCH_CLASSES) == set(OPTIMIZERS)
+    assert uncovered(CASES) == []
+    for name, covered in NOT_IN_TORCH.items():
+        assert set(covered) <= set(OPTIMIZERS[name].hparams_type.names()), name
+    for name, flags in FIXED.items():
         defaults = create(name).config()
-        for option in options:
-            assert any(
-                c["optimizer"] == name
-                and c["options"].get(option, defaults[option]) != defaults[option]
-                for c in CASES
-            ), f"{name}.{option} never leaves its default"
+        for flag in flags:
+            with pytest.raises(HyperparameterError, match=flag):
+                create({"name": name, flag: not defaults[flag]})
+
+
+def test_coverage_check_catches_a_missing_case() -> None:
+    """The check above fails when a case goes missing or an option is added without one."""
+    without = [
+        c
+        for c in CASES
+        if not (c["optimizer"] == "adagrad" and c["options"].get("maximize"))
+        and not (c["optimizer"] == "adam" and c["options"].get("decoupled_weight_decay"))
+        and not (c["optimizer"] == "sgd" and c["vary_lr"])
+    ]
+    assert uncovered(without) == ["sgd.lr", "adagrad.maximize", "adam.decoupled_weight_decay"]
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class LookaheadHyperparams(SGDHyperparams):
+        lookahead: bool = False
+
+    class LookaheadSGD(SGD):
+        hparams_type = LookaheadHyperparams
+
+    assert uncovered(CASES, {**OPTIMIZERS, "sgd": LookaheadSGD}) == ["sgd.lookahead"]
+
+
+def _readme_table() -> dict[str, str]:
+    """The README's Optimizers table: name -> its options cell."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Optimizers\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", section, flags=re.MULTILINE)
+    return dict(rows)
+
+
+def _options(cell: str) -> dict[str, Any]:
+    """``"lr=1e-3, betas=(0.9, 0.999), ..."`` (inside backticks) as values."""
+    pairs = re.findall(r"(\w+)=(\([^)]*\)|[^,`]+)", " ".join(re.findall(r"`([^`]*)`", cell)))
+    out = {}
+    for key, value in pairs:
+        parsed = ast.literal_eval(value.strip())
+        out[key] = list(parsed) if isinstance(parsed, tuple) else parsed
+    return out
+
+
+def test_readme_table_lists_every_option_with_its_default() -> None:
+    table = _readme_table()
+    assert set(table) == set(OPTIMIZERS)
+    for name, cls in OPTIMIZERS.items():
+        cell = table[name]
+        defaults = {k: v for k, v in cls().config().items() if k != "name"}
+        based = re.match(r"as `(\w+)`", cell)
+        if based:  # "as `adam`, with `weight_decay=1e-2` ...": adam's options, those changed
+            assert list(defaults) == list(_options(table[based.group(1)])), name
+            for key, value in _options(cell).items():
+                assert defaults[key] == value, f"{name}.{key}"
+        else:
+            assert _options(cell) == defaults, name
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

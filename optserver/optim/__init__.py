@@ -5,6 +5,10 @@ It knows nothing of HTTP or storage::
     opt = create({"name": "adam", "lr": 1e-3})
     state = opt.init(params)            # {name: AdamState}
     opt.update(grads, state, params)    # params and state change in place
+
+``update`` is ``apply(prepare(grads, params, lr=...), state, params)``: ``prepare`` checks the
+update once and returns a :class:`Plan`, for a caller that must refuse a bad update before
+doing anything else.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from optserver.optim.adagrad import Adagrad, AdagradHyperparams, AdagradState
 from optserver.optim.adam import Adam, AdamHyperparams, AdamState, AdamW, AdamWHyperparams
 from optserver.optim.base import FLOAT_DTYPES, Optimizer, OptState, TensorState
+from optserver.optim.checks import Plan, TensorSpec
 from optserver.optim.errors import HyperparameterError, OptimError, TensorError
 from optserver.optim.hparams import Hyperparams
 from optserver.optim.kernels import configure_threads
@@ -56,6 +61,7 @@ __all__ = [
     "OptState",
     "OptimError",
     "Optimizer",
+    "Plan",
     "RMSprop",
     "RMSpropHyperparams",
     "RMSpropState",
@@ -64,6 +70,7 @@ __all__ = [
     "Schedule",
     "StepSchedule",
     "TensorError",
+    "TensorSpec",
     "TensorState",
     "WarmupCosineSchedule",
     "configure_threads",

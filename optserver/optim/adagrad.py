@@ -1,17 +1,27 @@
-"""AdaGrad: per-element rates from the running sum of squared gradients."""
+"""AdaGrad: per-element rates from the running sum of squared gradients: hyperparameters,
+state, kernel.
+
+Reference: Duchi et al., *Adaptive Subgradient Methods for Online Learning and Stochastic
+Optimization* (2011).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from optserver.optim import kernels
-from optserver.optim.base import Optimizer, TensorState
+from optserver.optim.base import Optimizer
 from optserver.optim.hparams import Hyperparams, require
+from optserver.optim.kernels import Scalar
+from optserver.optim.kernels import jit as _jit  # coverage skips "@_jit" bodies
+from optserver.optim.state import TensorState
 
-__all__ = ["Adagrad", "AdagradHyperparams", "AdagradState"]
+__all__ = ["Adagrad", "AdagradHyperparams", "AdagradScalars", "AdagradState"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,12 +50,58 @@ class AdagradHyperparams(Hyperparams):
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class AdagradState(TensorState):
+    #: The running sum of squared gradients.
     sum: np.ndarray
 
 
+class AdagradScalars(NamedTuple):
+    """The scalars of one AdaGrad step at step count ``t``, in the parameter's dtype."""
+
+    #: ``-lr / (1 + (t-1)*lr_decay)``: addcdiv's value.
+    neg_clr: Scalar
+    #: -1 with ``maximize``, else 1.
+    sign: Scalar
+    weight_decay: Scalar
+    eps: Scalar
+    bound: Scalar
+    bound_sq: Scalar
+
+
+@functools.cache
+def adagrad_kernel(*, decay: bool) -> kernels.Kernel[AdagradScalars]:
+    """The fused step."""
+
+    @_jit
+    def adagrad(arrays: kernels.Arrays, s: AdagradScalars) -> bool:
+        p, g, acc = arrays
+        outside = False
+        for i in range(p.shape[0]):
+            gi = s.sign * g[i]  # g <- -grad if maximize else grad
+            if decay:
+                gi = gi + s.weight_decay * p[i]  # g <- g + weight_decay*p: g.add(p, alpha=wd)
+            total = acc[i] + gi * gi  # sum <- sum + g*g: sum.addcmul_(g, g, value=1)
+            acc[i] = total
+            # p <- p - clr*g/(sqrt(sum) + eps): p.addcdiv_(g, sum.sqrt().add_(eps), value=-clr)
+            q = p[i] + (s.neg_clr * gi) / (np.sqrt(total) + s.eps)
+            p[i] = q
+            outside = outside | (not (abs(q) <= s.bound)) | (not (total <= s.bound_sq))
+        return outside
+
+    return adagrad
+
+
 class Adagrad(Optimizer[AdagradHyperparams, AdagradState]):
-    """torch.optim.Adagrad: ``clr = lr/(1+(t-1)*lr_decay)``, ``sum += g*g``,
-    ``p -= clr*g/(sqrt(sum)+eps)``."""
+    """torch.optim.Adagrad (its ``_single_tensor_adagrad``): step ``t`` of one tensor ::
+
+        g   <- -grad if maximize else grad
+        g   <- g + weight_decay*p
+        clr  = lr / (1 + (t - 1)*lr_decay)
+        sum <- sum + g*g                            (starts at initial_accumulator_value)
+        p   <- p - clr * g / (sqrt(sum) + eps)
+
+    ``clr`` is computed in Python floats, as torch does, and reaches the kernel cast to the
+    parameter's dtype (:class:`AdagradScalars`).
+    """
 
     name = "adagrad"
     hparams_type = AdagradHyperparams
@@ -68,14 +124,13 @@ class Adagrad(Optimizer[AdagradHyperparams, AdagradState]):
         bound_sq: float,
     ) -> bool:  # fmt: skip
         h, dt = self.hparams, p.dtype.type
-        clr = lr / (1 + (state.step - 1) * h.lr_decay)
-        return kernels.run(
-            kernels.adagrad(decay=h.weight_decay != 0),
-            (p, g, state.sum),
-            dt(-clr),
-            dt(-1 if h.maximize else 1),
-            dt(h.weight_decay),
-            dt(h.eps),
-            dt(bound),
-            dt(bound_sq),
+        scalars = AdagradScalars(
+            neg_clr=dt(-lr / (1 + (state.step - 1) * h.lr_decay)),
+            sign=dt(-1 if h.maximize else 1),
+            weight_decay=dt(h.weight_decay),
+            eps=dt(h.eps),
+            bound=dt(bound),
+            bound_sq=dt(bound_sq),
         )
+        kernel = adagrad_kernel(decay=h.weight_decay != 0)
+        return kernels.run(kernel, (p, g, state.sum), scalars)

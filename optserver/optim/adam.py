@@ -1,17 +1,27 @@
-"""Adam (with AMSGrad) and AdamW (decoupled weight decay)."""
+"""Adam (with AMSGrad) and AdamW (decoupled weight decay): hyperparameters, state, kernel.
+
+References: Kingma & Ba, *Adam: A Method for Stochastic Optimization* (2015); Reddi et al., *On
+the Convergence of Adam and Beyond* (2018, AMSGrad); Loshchilov & Hutter, *Decoupled Weight
+Decay Regularization* (2019, AdamW).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from optserver.optim import kernels
-from optserver.optim.base import Optimizer, TensorState
+from optserver.optim.base import Optimizer
 from optserver.optim.hparams import Hyperparams, require
+from optserver.optim.kernels import Lerp, Scalar
+from optserver.optim.kernels import jit as _jit  # coverage skips "@_jit" bodies
+from optserver.optim.state import TensorState
 
-__all__ = ["Adam", "AdamHyperparams", "AdamState", "AdamW", "AdamWHyperparams"]
+__all__ = ["Adam", "AdamHyperparams", "AdamScalars", "AdamState", "AdamW", "AdamWHyperparams"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,15 +64,84 @@ class AdamWHyperparams(AdamHyperparams):
 
 @dataclasses.dataclass(eq=False, kw_only=True)
 class AdamState(TensorState):
+    #: m, the first moment.
     exp_avg: np.ndarray
+    #: v, the second moment.
     exp_avg_sq: np.ndarray
-    #: Only with ``amsgrad``.
+    #: v_max, only with ``amsgrad``.
     max_exp_avg_sq: np.ndarray | None = None
 
 
+class AdamScalars(NamedTuple):
+    """The scalars of one Adam step at step count ``t``, in the parameter's dtype."""
+
+    #: ``-lr / (1 - beta1**t)``: addcdiv's value (bias correction of m folded in).
+    neg_step_size: Scalar
+    #: -1 with ``maximize``, else 1.
+    sign: Scalar
+    #: Added to the gradient as ``weight_decay*p`` (Adam's weight decay).
+    weight_decay: Scalar
+    #: ``1 - lr*weight_decay`` with decoupled weight decay (AdamW), else 1 (exact).
+    decay_factor: Scalar
+    #: ``1 - beta1``, the weight of m's lerp.
+    m_lerp: Lerp
+    beta2: Scalar
+    one_minus_beta2: Scalar
+    #: ``sqrt(1 - beta2**t)``: the bias correction of v, applied after its root.
+    bias_correction2_sqrt: Scalar
+    eps: Scalar
+    bound: Scalar
+    bound_sq: Scalar
+
+
+@functools.cache
+def adam_kernel(*, amsgrad: bool, decay: bool) -> kernels.Kernel[AdamScalars]:
+    """The fused step; ``decay``: weight decay added to the gradient (not AdamW's)."""
+
+    @_jit
+    def adam(arrays: kernels.Arrays, s: AdamScalars) -> bool:
+        p, g, exp_avg, exp_avg_sq, max_exp_avg_sq = arrays
+        outside = False
+        for i in range(p.shape[0]):
+            gi = s.sign * g[i]  # g <- -grad if maximize else grad
+            pi = p[i] * s.decay_factor  # AdamW: p <- (1 - lr*weight_decay)*p, torch's p.mul_()
+            if decay:
+                gi = gi + s.weight_decay * pi  # g <- g + weight_decay*p: g.add(p, alpha=wd)
+            # m <- beta1*m + (1-beta1)*g, as torch's exp_avg.lerp_(g, 1-beta1) rounds it.
+            m = kernels.lerp(exp_avg[i], gi, s.m_lerp)
+            exp_avg[i] = m
+            # v <- beta2*v + (1-beta2)*g*g: exp_avg_sq.mul_(beta2).addcmul_(g, g, 1-beta2).
+            v = exp_avg_sq[i] * s.beta2 + (s.one_minus_beta2 * gi) * gi
+            exp_avg_sq[i] = v
+            if amsgrad:
+                v = max(max_exp_avg_sq[i], v)  # v_max <- max(v_max, v); the root takes v_max
+                max_exp_avg_sq[i] = v
+            # p <- p - lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps): torch's
+            # addcdiv_(m, denom, value=-step_size), with denom rounded as torch builds it.
+            q = pi + (s.neg_step_size * m) / (np.sqrt(v) / s.bias_correction2_sqrt + s.eps)
+            p[i] = q
+            # A sum of magnitudes: NaN and Inf propagate into it (max() could drop a NaN).
+            # exp_avg_sq <= max_exp_avg_sq, so checking v covers both under amsgrad.
+            outside = outside | (not (abs(q) + abs(m) <= s.bound)) | (not (v <= s.bound_sq))
+        return outside
+
+    return adam
+
+
 class Adam(Optimizer[AdamHyperparams, AdamState]):
-    """torch.optim.Adam: ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g*g``
-    (AMSGrad: ``v = max(vmax, v)``), ``p -= lr/(1-b1**t) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``."""
+    """torch.optim.Adam (its ``_single_tensor_adam``): step ``t`` of one tensor ::
+
+        g     <- -grad if maximize else grad
+        g     <- g + weight_decay*p                       (Adam's weight decay)
+        p     <- (1 - lr*weight_decay)*p                  (AdamW's, instead of the above)
+        m     <- beta1*m + (1 - beta1)*g                  (exp_avg)
+        v     <- beta2*v + (1 - beta2)*g*g                (exp_avg_sq)
+        v_max <- max(v_max, v)                            (amsgrad; v_max replaces v below)
+        p     <- p - lr/(1 - beta1**t) * m / (sqrt(v)/sqrt(1 - beta2**t) + eps)
+
+    The bias corrections are computed in Python floats, as torch does, and reach the kernel
+    cast to the parameter's dtype (:class:`AdamScalars`).
+    """
 
     name = "adam"
     hparams_type = AdamHyperparams
@@ -94,29 +173,30 @@ class Adam(Optimizer[AdamHyperparams, AdamState]):
         self, p: np.ndarray, g: np.ndarray, state: AdamState, lr: float, bound: float,
         bound_sq: float,
     ) -> bool:  # fmt: skip
-        h, dt = self.hparams, p.dtype.type
+        h, dt, t = self.hparams, p.dtype.type, state.step
         beta1, beta2 = h.betas
-        t = state.step
         decoupled = h.decoupled_weight_decay
-        return kernels.run(
-            kernels.adam(amsgrad=h.amsgrad, decay=h.weight_decay != 0 and not decoupled),
-            (p, g, state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq),
-            dt(-lr / (1 - beta1**t)),
-            dt(-1 if h.maximize else 1),
-            dt(h.weight_decay),
-            dt(1 - lr * h.weight_decay if decoupled else 1),
-            *kernels.lerp_coefficients(1 - beta1, p.dtype),
-            dt(beta2),
-            dt(1 - beta2),
-            dt((1 - beta2**t) ** 0.5),
-            dt(h.eps),
-            dt(bound),
-            dt(bound_sq),
+        scalars = AdamScalars(
+            neg_step_size=dt(-lr / (1 - beta1**t)),
+            sign=dt(-1 if h.maximize else 1),
+            weight_decay=dt(h.weight_decay),
+            decay_factor=dt(1 - lr * h.weight_decay if decoupled else 1),
+            m_lerp=Lerp.of(1 - beta1, p.dtype),
+            beta2=dt(beta2),
+            one_minus_beta2=dt(1 - beta2),
+            bias_correction2_sqrt=dt((1 - beta2**t) ** 0.5),
+            eps=dt(h.eps),
+            bound=dt(bound),
+            bound_sq=dt(bound_sq),
         )
+        kernel = adam_kernel(amsgrad=h.amsgrad, decay=h.weight_decay != 0 and not decoupled)
+        arrays = (p, g, state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq)
+        return kernels.run(kernel, arrays, scalars)
 
 
 class AdamW(Adam):
-    """torch.optim.AdamW: Adam with ``p *= 1 - lr*weight_decay`` before the step (default 0.01)."""
+    """torch.optim.AdamW: Adam with ``p <- (1 - lr*weight_decay)*p`` before the step, and no
+    decay added to the gradient (``weight_decay`` defaults to 0.01)."""
 
     name = "adamw"
     hparams_type = AdamWHyperparams

@@ -1,12 +1,12 @@
-"""The optimizer abstraction: typed per-tensor state and in-place steps over named arrays.
+"""The optimizer abstraction: hyperparameters, typed per-tensor state and in-place steps.
 
 In the spirit of optax, an optimizer is ``init(params) -> state`` and
 ``update(grads, state, params)``; unlike optax, ``update`` changes the parameters and the state
 in place (numpy arrays, fused kernels), because a parameter server owns both and copying
-gigabytes per step is what it must not do.
-
-State is kept per tensor, as in torch.optim: each tensor has its own step count (the ``t`` of
-bias correction), so a push that names a subset of the tensors steps only those.
+gigabytes per step is what it must not do. ``update`` is :meth:`Optimizer.prepare`, which
+checks the gradients and the learning rate once and returns a :class:`Plan`, then
+:meth:`Optimizer.apply`, which steps it; a caller that must refuse a bad update before it does
+anything else (the store journals an update before applying it) calls the two itself.
 
 Finite steps. ``update(..., finite=True)`` is atomic with respect to NaN and Inf: either every
 weight and state value it writes is finite, or it raises :class:`NonFiniteStep` with everything
@@ -28,7 +28,6 @@ output and no copy; a tensor near the edge pays a copy per step until its values
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping
@@ -37,21 +36,31 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import numpy as np
 
 from optserver.optim import kernels
+from optserver.optim.checks import (
+    FLOAT_DTYPES,
+    Plan,
+    TensorSpec,
+    check_fits,
+    check_grad,
+    check_param,
+    check_param_dtype,
+)
 from optserver.optim.errors import HyperparameterError, NonFiniteStep, TensorError
 from optserver.optim.hparams import Hyperparams, _coerce, require
+from optserver.optim.state import OptState, TensorState
 
 __all__ = [
     "FLOAT_DTYPES",
     "OptState",
     "Optimizer",
+    "Plan",
+    "TensorSpec",
     "TensorState",
+    "check_fits",
     "check_grad",
     "check_param",
     "magnitude_bound",
 ]
-
-#: Parameter dtypes the optimizers compute in; state arrays take the parameter's dtype.
-FLOAT_DTYPES: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: An output bound at most this fraction of ``finfo.max`` leaves room for rounding.
 _HEADROOM = 1 / 16
@@ -63,115 +72,17 @@ def magnitude_bound(dtype: np.dtype[Any]) -> float:
     return math.pow(float(np.finfo(dtype).max), 0.25)
 
 
-@dataclasses.dataclass(eq=False, kw_only=True)
-class TensorState:
-    """Optimizer state of one tensor: a step count and named arrays (torch's names).
-
-    Subclasses declare their arrays as fields typed ``np.ndarray`` (always present) or
-    ``np.ndarray | None`` (present only when an option needs them).
-    """
-
-    step: int = 0
-    #: False while every value of the tensor (weights and state) is known to be inside the
-    #: magnitude bound; True after a write that was not checked or went outside it.
-    unchecked: bool = dataclasses.field(default=True, compare=False)
-    #: The weights or the state hold NaN or Inf (only possible with ``finite=False`` steps).
-    nonfinite: bool = dataclasses.field(default=False, compare=False)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The state arrays that exist, by name (views, not copies)."""
-        out: dict[str, np.ndarray] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                out[f.name] = value
-        return out
-
-    @classmethod
-    def array_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in _FLAGS)
-
-    def checkpoint(self) -> dict[str, Any]:
-        """Everything :meth:`rollback` needs to undo a step (array fields copied)."""
-        saved: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            saved[f.name] = value.copy() if isinstance(value, np.ndarray) else value
-        return saved
-
-    def rollback(self, saved: Mapping[str, Any]) -> None:
-        """Return to a :meth:`checkpoint`, in place (arrays keep their identity)."""
-        for name, value in saved.items():
-            current = getattr(self, name)
-            if isinstance(value, np.ndarray) and isinstance(current, np.ndarray):
-                np.copyto(current, value)
-            else:
-                setattr(self, name, value)  # step, flags, or an array the step allocated
-
-    def holds_nonfinite(self) -> bool:
-        return any(kernels.count_nonfinite(a) for a in self.arrays().values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays().values())
-
-
-_FLAGS = frozenset({"step", "unchecked", "nonfinite"})
-
-#: The state of a whole model: tensor name -> that tensor's state.
-OptState = dict[str, TensorState]
-
 H = TypeVar("H", bound=Hyperparams)
 S = TypeVar("S", bound=TensorState)
-
-
-def check_param(name: str, param: np.ndarray) -> None:
-    """A parameter must be a writable, C-contiguous float32 or float64 array."""
-    if not isinstance(param, np.ndarray):
-        raise TensorError(f"parameter {name!r} is not a numpy array", tensor=name)
-    if param.dtype not in FLOAT_DTYPES:
-        raise TensorError(
-            f"parameter {name!r} has dtype {param.dtype}; expected float32 or float64", tensor=name
-        )
-    if not param.flags.c_contiguous or not param.flags.writeable:
-        raise TensorError(f"parameter {name!r} must be a writable C-contiguous array", tensor=name)
-
-
-def check_grad(name: str, grad: np.ndarray, param: np.ndarray) -> None:
-    """A gradient must have the parameter's shape and a float dtype no wider than its dtype."""
-    check_fits(name, "gradient", grad, param.shape, param.dtype)
-
-
-def check_fits(
-    name: str, what: str, value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype[Any]
-) -> None:
-    """``value`` (a gradient, or weights) has ``shape`` and a float dtype that casts safely
-    to ``dtype``; a :class:`TensorError` saying which of them does not match otherwise."""
-    if not isinstance(value, np.ndarray):
-        raise TensorError(f"{what} {name!r} is not a numpy array", tensor=name)
-    if value.shape != shape:
-        raise TensorError(
-            f"{what} {name!r} has shape {list(value.shape)}; expected {list(shape)}",
-            tensor=name,
-            mismatch="shape",
-            expected=list(shape),
-            received=list(value.shape),
-        )
-    if value.dtype.kind != "f" or not np.can_cast(value.dtype, dtype, "safe"):
-        raise TensorError(
-            f"{what} {name!r} has dtype {value.dtype}; expected {dtype} or a narrower float dtype",
-            tensor=name,
-            mismatch="dtype",
-            expected=str(dtype),
-            received=str(value.dtype),
-        )
 
 
 class Optimizer(ABC, Generic[H, S]):
     """An optimizer: hyperparameters plus the rule that steps one tensor in place.
 
-    Subclasses set :attr:`name`, :attr:`hparams_type`, :attr:`state_type` and implement
-    :meth:`init_tensor`, :meth:`_step` and, where an option adds arrays, :meth:`_complete`.
+    Over named tensors: :meth:`init`, then per update :meth:`update`, or :meth:`prepare` (the
+    update's only check) and :meth:`apply`. Subclasses set :attr:`name`, :attr:`hparams_type`,
+    :attr:`state_type` and implement :meth:`init_tensor`, :meth:`_step` (which builds the
+    kernel's scalars and runs it) and, where an option adds arrays, :meth:`_complete`.
     """
 
     name: ClassVar[str]
@@ -212,7 +123,8 @@ class Optimizer(ABC, Generic[H, S]):
         """One step of one tensor, in place. ``lr`` overrides the configured rate for this step."""
         check_param("param", param)
         check_grad("grad", grad, param)
-        self._apply(param, grad, state, self.hparams.lr if lr is None else lr)
+        rate = self.hparams.lr if lr is None else self.check_lr(lr, (param.dtype,))
+        self._apply(param, grad, state, rate)
 
     def _apply(self, param: np.ndarray, grad: np.ndarray, state: S, lr: float) -> bool:
         """Step one tensor; whether a written value went outside the magnitude bound (then
@@ -340,36 +252,67 @@ class Optimizer(ABC, Generic[H, S]):
                 out.append(name)
         return out
 
-    def update(
+    def prepare(
         self,
         grads: Mapping[str, np.ndarray],
+        params: Mapping[str, np.ndarray | TensorSpec],
+        *,
+        lr: float | None = None,
+    ) -> Plan:
+        """Check an update once, reading no tensor's values: each gradient names a parameter
+        of ``params`` (arrays, or the :class:`TensorSpec` of weights the caller will set before
+        :meth:`apply`) and fits its shape and dtype; ``lr`` (None: the configured rate) is valid
+        and finite in the dtypes it steps. Raises :class:`TensorError` or
+        :class:`HyperparameterError`; the :class:`Plan` it returns is what :meth:`apply` steps.
+        """
+        specs: dict[str, TensorSpec] = {}
+        for name in grads:
+            target = params.get(name)
+            if target is None:
+                raise TensorError(f"gradient {name!r} names no parameter", tensor=name)
+            spec = specs[name] = TensorSpec.of(target)
+            check_param_dtype(name, spec.dtype)
+        rate = None if lr is None else self.check_lr(lr, {s.dtype for s in specs.values()})
+        for name, grad in grads.items():
+            check_grad(name, grad, specs[name])
+        return Plan(grads=dict(grads), lr=rate, specs=specs)
+
+    def apply(
+        self,
+        plan: Plan,
         state: OptState,
         params: Mapping[str, np.ndarray],
         *,
-        lr: float | None = None,
         finite: bool = False,
         large: Collection[str] = (),
     ) -> None:
-        """Step the parameters named in ``grads`` in place, advancing their state.
+        """Step the parameters of a :meth:`prepare`-d update in place, advancing their state.
 
-        Every tensor is checked before any is touched, so a bad gradient changes nothing. With
+        Each parameter must be the writable C-contiguous array of the shape and dtype the plan
+        was checked against, and have this optimizer's state (a per-tensor check that reads no
+        data: ``apply`` does not check the update again); nothing is touched otherwise. With
         ``finite``, a step that would leave NaN or Inf in any weight or state value raises
         :class:`NonFiniteStep` and changes nothing; ``large`` must then name every tensor whose
         gradient is not within :func:`magnitude_bound` (:func:`kernels.scan` tells), NaN and
         Inf included.
         """
-        if lr is not None:
-            self.check_lr(lr)
-        for name, grad in grads.items():
-            if name not in params:
+        for name in plan.grads:
+            param = params.get(name)
+            if param is None:
                 raise TensorError(f"gradient {name!r} names no parameter", tensor=name)
+            check_param(name, param)
+            if TensorSpec.of(param) != plan.specs[name]:
+                raise TensorError(
+                    f"parameter {name!r} is {list(param.shape)} {param.dtype}; its update "
+                    f"was checked for {list(plan.specs[name].shape)} {plan.specs[name].dtype}",
+                    tensor=name,
+                )
             if name not in state:
                 raise TensorError(f"parameter {name!r} has no optimizer state", tensor=name)
-            check_param(name, params[name])
-            check_grad(name, grad, params[name])
             if not isinstance(state[name], self.state_type):
                 raise TensorError(f"state of {name!r} is not {self.name} state", tensor=name)
-        rate = self.hparams.lr if lr is None else lr
+        grads = plan.grads
+        rate = self.hparams.lr if plan.lr is None else plan.lr
         if not finite:
             for name, grad in grads.items():
                 self._apply(params[name], grad, state[name], rate)  # type: ignore[arg-type]
@@ -395,11 +338,30 @@ class Optimizer(ABC, Generic[H, S]):
             # output_bound says this cannot happen; if it did, the bound has a bug.
             assert not state[name].nonfinite, f"unguarded step of {name!r} was not finite"
 
-    def check_lr(self, lr: float, dtypes: Iterable[np.dtype[Any]] = ()) -> None:
+    def update(
+        self,
+        grads: Mapping[str, np.ndarray],
+        state: OptState,
+        params: Mapping[str, np.ndarray],
+        *,
+        lr: float | None = None,
+        finite: bool = False,
+        large: Collection[str] = (),
+    ) -> None:
+        """Step the parameters named in ``grads`` in place, advancing their state:
+        :meth:`prepare` then :meth:`apply` (see both).
+
+        Every tensor is checked before any is touched, so a bad gradient changes nothing.
+        """
+        plan = self.prepare(grads, params, lr=lr)
+        self.apply(plan, state, params, finite=finite, large=large)
+
+    def check_lr(self, lr: float, dtypes: Iterable[np.dtype[Any]] = ()) -> float:
         """Validate a per-step learning-rate override as strictly as the configured one (the
         same coercion and rule, without rebuilding every hyperparameter on each step), and
-        finite in the ``dtypes`` of the tensors it steps."""
+        finite in the ``dtypes`` of the tensors it steps; the rate as a float."""
         value = float(_coerce(self.name, "lr", lr, float))  # type: ignore[arg-type]
         require(value >= 0.0, self.name, "lr", lr, ">= 0")
         for dtype in dtypes:
             self._check_fits("lr", value, dtype)
+        return value

@@ -1,16 +1,31 @@
-"""Fused element-wise update kernels, compiled with numba.
+"""What the optimizers' fused kernels share: compilation, typed scalars, ATen's lerp, threads.
 
-Each kernel makes one pass over flat, C-contiguous arrays and updates parameter and state in
-place, so a step allocates nothing of the parameter's size. The arithmetic follows the order of
-torch.optim's single-tensor implementations operation by operation (``addcmul``: ``a + (v*b)*c``,
-``addcdiv``: ``a + (v*b)/c``, ``lerp`` as ATen computes it), in the parameter's dtype: the caller
-passes scalars already cast to that dtype, and the kernels hold no numeric literals, because
+Each optimizer's kernel lives next to its equations, in the optimizer's module. A kernel is a
+numba function ``kernel(arrays, s) -> bool``: ``arrays`` is a tuple of flat, C-contiguous
+arrays (the parameter first), ``s`` a :class:`~typing.NamedTuple` of the step's scalars,
+declared per optimizer (``AdamScalars``, ...) and built by keyword, so that a misplaced scalar
+is a type error rather than a silently wrong step. numba passes a NamedTuple of numbers and
+booleans by value, field access costs nothing in the loop, and :data:`Kernel` ties a kernel to
+its scalars' type, so :func:`run` refuses another optimizer's scalars.
+
+A kernel makes one pass over its arrays and updates parameter and state in place, so a step
+allocates nothing of the parameter's size. The arithmetic follows the order of torch.optim's
+single-tensor implementations operation by operation, in the parameter's dtype; the ATen
+operations it spells out are
+
+- ``add(a, b, alpha)``: ``a + alpha*b``;
+- ``addcmul(a, b, c, value)``: ``a + (value*b)*c``;
+- ``addcdiv(a, b, c, value)``: ``a + (value*b)/c``;
+- ``lerp(start, end, w)``: see :func:`lerp`.
+
+The scalars are numpy scalars of the parameter's dtype (:data:`Scalar`, which a Python float
+is not, so mypy catches a missing cast), and the kernels hold no numeric literals, because
 numba would otherwise widen float32 arithmetic to float64 (slower, and not torch's rounding).
-Each kernel is built by a factory whose keyword flags are compiled in as constants: one
+``maximize`` is a ``sign`` scalar of -1 or 1, because negation is exact. Options that change
+the arithmetic are keyword flags of the kernel's factory, compiled in as constants: one
 specialisation per combination in use, compiled on first use and cached on disk, with no branch
 left in the loop to stop LLVM from vectorizing it (leaving that to loop unswitching proved
-fragile: some option combinations ran ten times slower). ``maximize`` is a ``sign`` scalar of
--1 or 1, because negation is exact.
+fragile: some option combinations ran ten times slower).
 
 Kernels release the GIL; :func:`run` splits large arrays into contiguous parts that run on a
 shared thread pool. Arrays that an option does not need are passed as empty placeholders.
@@ -25,168 +40,79 @@ which is what lets the next step skip its rollback copy (see :mod:`optserver.opt
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias, TypeVar, cast
 
 import numba
 import numpy as np
 
 __all__ = [
+    "Arrays",
     "Kernel",
-    "adagrad",
-    "adam",
+    "Lerp",
+    "Scalar",
     "configure_threads",
     "count_nonfinite",
-    "lerp_coefficients",
-    "rmsprop",
+    "jit",
+    "lerp",
     "run",
     "scan",
-    "sgd",
 ]
 
-_jit = numba.njit(nogil=True, cache=True, error_model="numpy")
+F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound=tuple[Any, ...])
 
-#: A compiled kernel: flat arrays and dtype scalars in (the last two: ``bound``, ``bound_sq``),
-#: in place; it returns whether any value it wrote is outside the bounds or not finite.
-Kernel = Callable[..., bool]
+#: A scalar in the parameter's dtype (``np.float32(x)`` or ``np.float64(x)``).
+Scalar: TypeAlias = np.floating[Any]
+#: A kernel's arrays: flat views, the parameter first, in the order its signature names them.
+Arrays: TypeAlias = tuple[np.ndarray, ...]
+#: A compiled kernel taking scalars of type ``S``; it steps ``arrays`` in place and returns
+#: whether any value it wrote is outside the bounds or not finite.
+Kernel: TypeAlias = Callable[[Arrays, S], bool]
 
-
-@functools.cache
-def sgd(*, momentum: bool, nesterov: bool, first: bool, decay: bool) -> Kernel:
-    @_jit
-    def kernel(p, g, buf, neg_lr, sign, weight_decay, mu, one_minus_dampening, bound, bound_sq):
-        outside = False
-        for i in range(p.shape[0]):
-            gi = sign * g[i]
-            if decay:
-                gi = gi + weight_decay * p[i]
-            if momentum:
-                if first:
-                    b = gi
-                else:
-                    b = buf[i] * mu + one_minus_dampening * gi
-                buf[i] = b
-                if nesterov:
-                    gi = gi + mu * b
-                else:
-                    gi = b
-                q = p[i] + neg_lr * gi
-                p[i] = q
-                outside = outside | (not (abs(q) + abs(b) <= bound))
-            else:
-                q = p[i] + neg_lr * gi
-                p[i] = q
-                outside = outside | (not (abs(q) <= bound))
-        return outside
-
-    return kernel
+_njit = numba.njit(nogil=True, cache=True, error_model="numpy")
 
 
-@functools.cache
-def adagrad(*, decay: bool) -> Kernel:
-    @_jit
-    def kernel(p, g, acc, neg_clr, sign, weight_decay, eps, bound, bound_sq):
-        outside = False
-        for i in range(p.shape[0]):
-            gi = sign * g[i]
-            if decay:
-                gi = gi + weight_decay * p[i]
-            s = acc[i] + gi * gi
-            acc[i] = s
-            q = p[i] + (neg_clr * gi) / (np.sqrt(s) + eps)
-            p[i] = q
-            outside = outside | (not (abs(q) <= bound)) | (not (s <= bound_sq))
-        return outside
-
-    return kernel
+def jit(function: F) -> F:
+    """Compile ``function`` with numba (no GIL, cached on disk, numpy's float semantics),
+    keeping its signature for the type checker. Modules apply it as ``@_jit``: the coverage
+    configuration excludes functions so decorated, whose compiled bodies no tracer sees."""
+    return cast(F, _njit(function))
 
 
-def lerp_coefficients(weight: float, dtype: np.dtype[Any]) -> tuple[bool, np.floating[Any]]:
-    """ATen computes ``lerp(start, end, w)`` as ``start + w*(end-start)`` for ``|w| < 0.5``,
-    else ``end + (w-1)*(end-start)``: the kernels take the choice and the coefficient, computed
-    here in the array's dtype."""
-    w = dtype.type(weight)
-    small = bool(abs(w) < 0.5)
-    return small, (w if small else w - dtype.type(1))
+_jit = jit
 
 
-@functools.cache
-def rmsprop(*, centered: bool, momentum: bool, decay: bool) -> Kernel:
-    @_jit
-    def kernel(
-        p, g, square_avg, grad_avg, buf, neg_lr, sign, weight_decay, alpha, one_minus_alpha,
-        lerp_small, lerp_coeff, eps_inside, eps_outside, mu, bound, bound_sq,
-    ):  # fmt: skip
-        outside = False
-        for i in range(p.shape[0]):
-            gi = sign * g[i]
-            if decay:
-                gi = gi + weight_decay * p[i]
-            sq = square_avg[i] * alpha + (one_minus_alpha * gi) * gi
-            square_avg[i] = sq
-            outside = outside | (not (sq <= bound_sq))
-            if centered:
-                ga = grad_avg[i]
-                ga = (ga if lerp_small else gi) + lerp_coeff * (gi - ga)
-                grad_avg[i] = ga
-                outside = outside | (not (abs(ga) <= bound))
-                sq = sq + (-ga) * ga
-            # One of eps_inside (the seed's form) and eps_outside (torch's) is 0: exact.
-            avg = np.sqrt(sq + eps_inside) + eps_outside
-            if momentum:
-                b = buf[i] * mu + gi / avg
-                buf[i] = b
-                q = p[i] + neg_lr * b
-                outside = outside | (not (abs(q) + abs(b) <= bound))
-            else:
-                q = p[i] + (neg_lr * gi) / avg
-                outside = outside | (not (abs(q) <= bound))
-            p[i] = q
-        return outside
+class Lerp(NamedTuple):
+    """The weight of ``lerp(start, end, w)`` as ATen's kernel uses it (see :func:`lerp`)."""
 
-    return kernel
+    #: ``|w| < 0.5``: ATen starts from ``start``, else from ``end``.
+    small: bool
+    #: ``w`` when small, else ``w - 1``, in the array's dtype.
+    weight: Scalar
 
-
-@functools.cache
-def adam(*, amsgrad: bool, decay: bool) -> Kernel:
-    @_jit
-    def kernel(
-        p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, neg_step_size, sign, weight_decay,
-        decay_factor, lerp_small, lerp_coeff, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
-        bound, bound_sq,
-    ):  # fmt: skip
-        # decay: weight decay added to the gradient (Adam); AdamW's decoupled decay is
-        # decay_factor = 1 - lr*wd, which is 1 (exact) otherwise.
-        outside = False
-        for i in range(p.shape[0]):
-            gi = sign * g[i]
-            pi = p[i] * decay_factor
-            if decay:
-                gi = gi + weight_decay * pi
-            m = exp_avg[i]
-            m = (m if lerp_small else gi) + lerp_coeff * (gi - m)
-            exp_avg[i] = m
-            v = exp_avg_sq[i] * beta2 + (one_minus_beta2 * gi) * gi
-            exp_avg_sq[i] = v
-            if amsgrad:
-                v = max(max_exp_avg_sq[i], v)
-                max_exp_avg_sq[i] = v
-            q = pi + (neg_step_size * m) / (np.sqrt(v) / bias_correction2_sqrt + eps)
-            p[i] = q
-            # A sum of magnitudes: NaN and Inf propagate into it (max() could drop a NaN).
-            # exp_avg_sq <= max_exp_avg_sq, so checking v covers both under amsgrad.
-            outside = outside | (not (abs(q) + abs(m) <= bound)) | (not (v <= bound_sq))
-        return outside
-
-    return kernel
+    @classmethod
+    def of(cls, weight: float, dtype: np.dtype[Any]) -> Lerp:
+        # ATen casts the weight to the tensor's dtype first, then picks the form.
+        w = dtype.type(weight)
+        small = bool(abs(w) < 0.5)
+        return cls(small, w if small else w - dtype.type(1))
 
 
 @_jit
-def _count_nonfinite(a):
+def lerp(start: Any, end: Any, w: Lerp) -> Any:
+    """``start + w*(end - start)`` rounded as ATen's ``lerp``: for ``|w| < 0.5`` exactly that,
+    else ``end + (w-1)*(end - start)`` (ATen writes ``end - (end-start)*(1-w)``: the same
+    value, as rounding is symmetric in sign). The two forms round differently, so torch's
+    moving averages ``lerp_(x, 1 - beta)`` are matched only this way."""
+    return (start if w.small else end) + w.weight * (end - start)
+
+
+@_jit
+def _count_nonfinite(a: np.ndarray) -> int:
     count = 0
     for i in range(a.shape[0]):
         if not np.isfinite(a[i]):
@@ -203,7 +129,7 @@ def count_nonfinite(array: np.ndarray) -> int:
 
 
 @_jit
-def _scan(a, bound):
+def _scan(a: np.ndarray, bound: Scalar) -> tuple[int, bool]:
     nonfinite = 0
     outside = False
     for i in range(a.shape[0]):
@@ -258,8 +184,8 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def run(kernel: Kernel, arrays: Sequence[np.ndarray | None], *scalars: object) -> bool:
-    """Apply ``kernel(*arrays, *scalars)`` over flat views, split over threads when large.
+def run(kernel: Kernel[S], arrays: Sequence[np.ndarray | None], scalars: S) -> bool:
+    """Apply ``kernel(arrays, scalars)`` over flat views, split over threads when large.
 
     ``arrays[0]`` is the parameter; all arrays are C-contiguous and of its shape, or None for
     one an option does not use (passed on as an empty placeholder). Returns the kernel's answer
@@ -270,20 +196,20 @@ def run(kernel: Kernel, arrays: Sequence[np.ndarray | None], *scalars: object) -
     # A placeholder of its own memory: a view like p[:0] would share p's address and defeat
     # the vectorizer's run-time aliasing checks.
     empty = _EMPTY[first.dtype]
-    flat = [empty if a is None else a.reshape(-1) for a in arrays]
+    flat = tuple(empty if a is None else a.reshape(-1) for a in arrays)
     n = flat[0].shape[0]
     parts = min(_threads, n // MIN_PART)
     if parts <= 1:
-        return bool(kernel(*flat, *scalars))
+        return bool(kernel(flat, scalars))
     bounds = [n * k // parts for k in range(parts + 1)]
 
-    def part(k: int) -> list[np.ndarray]:
+    def part(k: int) -> Arrays:
         lo, hi = bounds[k], bounds[k + 1]
-        return [a[lo:hi] if a.shape[0] == n else a for a in flat]
+        return tuple(a[lo:hi] if a.shape[0] == n else a for a in flat)
 
     pool = _executor()
-    futures: list[Future[bool]] = [pool.submit(kernel, *part(k), *scalars) for k in range(1, parts)]
-    outside = bool(kernel(*part(0), *scalars))
+    futures: list[Future[bool]] = [pool.submit(kernel, part(k), scalars) for k in range(1, parts)]
+    outside = bool(kernel(part(0), scalars))
     for future in futures:
         outside = bool(future.result()) or outside
     return outside

@@ -48,7 +48,9 @@ def _valid_sgd(o: Mapping[str, Any]) -> bool:
 
 
 def cases() -> list[dict[str, Any]]:
-    """Every option combination of OPTIMIZERS.md's table, plus one varying-lr case each."""
+    """Every combination of the torch options of each optimizer (those of the README's
+    Optimizers table; ``test_every_table_option_is_covered`` checks none is missing), plus one
+    varying-lr case each."""
     out: list[dict[str, Any]] = []
 
     def add(optimizer: str, options: dict[str, Any], vary_lr: bool = False) -> None:

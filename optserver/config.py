@@ -8,12 +8,14 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The journal implements the policies, so it defines them; it imports only the standard library.
+from optserver.journal import FsyncPolicy
+
 __all__ = ["FsyncPolicy", "LogLevel", "NonFinitePolicy", "Settings"]
 
 #: What a step does with a gradient that holds NaN or Inf: refuse it (422), acknowledge it
 #: without applying anything, or apply it anyway.
 NonFinitePolicy = Literal["reject", "skip", "allow"]
-FsyncPolicy = Literal["always", "interval", "never"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 

@@ -23,11 +23,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio.to_thread
+from optserver_client.vocabulary import ProblemSlug
 
 from optserver.errors import Conflict, IdempotencyKeyReused, ProblemError
 from optserver.modes import SyncMode
-from optserver.replies import Answer, Reply
-from optserver.store import Push, RoundMember, Session
+from optserver.push import Outcome, Push, RoundMember
+from optserver.replies import Answer
+from optserver.session import Session
 
 __all__ = ["Coordinator"]
 
@@ -35,7 +37,7 @@ __all__ = ["Coordinator"]
 @dataclass
 class _Waiting:
     member: RoundMember
-    answer: asyncio.Future[Reply]
+    answer: asyncio.Future[Outcome]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Coordinator:
         self._round_numbers.pop(session_id, None)
         pending = self._rounds.pop(session_id, None)
         if pending is not None:
-            self._fail(pending, Conflict("the session was deleted", slug="round-failed"))
+            self._fail(pending, Conflict("the session was deleted", slug=ProblemSlug.ROUND_FAILED))
 
     async def push(
         self,
@@ -75,8 +77,9 @@ class Coordinator:
         key: str | None,
         answer: Answer,
         fingerprint: str | None = None,
-    ) -> Reply:
-        """Apply ``push`` (async and ssp modes) or add it to the session's round (sync).
+    ) -> Outcome:
+        """Apply ``push`` (async and ssp modes) or add it to the session's round (sync), and
+        return its outcome (not yet encoded, not yet durable: see :mod:`optserver.service`).
         ``fingerprint`` identifies the request that carries ``key`` (see optserver.replay)."""
         if isinstance(session.mode, SyncMode):
             return await self._join_round(session, session.mode, push, key, answer, fingerprint)
@@ -93,7 +96,7 @@ class Coordinator:
         key: str | None,
         answer: Answer,
         fingerprint: str | None,
-    ) -> Reply:
+    ) -> Outcome:
         try:
             replayed = session.replay(key, answer, fingerprint)
         except ProblemError as exc:
@@ -113,18 +116,18 @@ class Coordinator:
                     None,
                     fingerprint,
                 ):
-                    session.reject("idempotency-key-reused", worker)
+                    session.reject(ProblemSlug.IDEMPOTENCY_KEY_REUSED, worker)
                     raise IdempotencyKeyReused(
                         f"Idempotency-Key {key!r} is in round {current.number} with a "
                         "different request; nothing was changed",
                         key=key,
                     )
                 return await asyncio.shield(earlier.answer)
-            session.reject("duplicate-push", worker)
+            session.reject(ProblemSlug.DUPLICATE_PUSH, worker)
             raise Conflict(
                 f"worker {worker!r} has already pushed in round {current.number}; one gradient "
                 "per worker and round (the first one stays in)",
-                slug="duplicate-push",
+                slug=ProblemSlug.DUPLICATE_PUSH,
                 round=current.number,
             )
         if current is None:
@@ -151,14 +154,14 @@ class Coordinator:
             return
         self._detach(session.id, round_)
         for worker in round_.waiting:
-            session.reject("round-failed", worker)
+            session.reject(ProblemSlug.ROUND_FAILED, worker)
         self._fail(
             round_,
             Conflict(
                 f"sync round {round_.number} reached its deadline ({mode.timeout_s} s) with "
                 f"{len(round_.waiting)} of the {needed} workers it needs; nothing was applied: "
                 "push again",
-                slug="round-failed",
+                slug=ProblemSlug.ROUND_FAILED,
                 round=round_.number,
                 workers=len(round_.waiting),
                 needed=needed,
@@ -183,7 +186,7 @@ class Coordinator:
         waiting = list(round_.waiting.values())
         try:
             async with self.turn(session.id):
-                replies = await anyio.to_thread.run_sync(
+                outcomes = await anyio.to_thread.run_sync(
                     session.apply_round, [w.member for w in waiting]
                 )
         except ProblemError as exc:
@@ -192,9 +195,9 @@ class Coordinator:
         except Exception as exc:  # pragma: no cover - surfaced to every waiting push
             self._fail(round_, exc)
             raise
-        for w, reply in zip(waiting, replies, strict=True):
+        for w, outcome in zip(waiting, outcomes, strict=True):
             if not w.answer.done():
-                w.answer.set_result(reply)
+                w.answer.set_result(outcome)
 
     @staticmethod
     def _fail(round_: _Round, exc: BaseException) -> None:

@@ -36,6 +36,10 @@ failed fsync is different: the journal fails closed for the rest of the process 
 and ``/readyz`` says that a restart recovers every acknowledged change. A snapshot that cannot
 be written (no space for it, no inode for the next segment) removes its temporary file, keeps
 every segment, logs a warning and is retried after a back-off.
+
+Over 400 lines: recording, recovery and snapshots share one journal, one directory lock and
+one snapshot lock; it reads sessions only through their public API (a snapshot copies them
+inside :meth:`SessionStore.frozen`).
 """
 
 from __future__ import annotations
@@ -72,9 +76,11 @@ from optserver.journal import (
     segments,
 )
 from optserver.modes import Mode
+from optserver.push import Push, RoundMember
 from optserver.replies import Answer
+from optserver.session import Session
 from optserver.snapshot import parse_record, restore_session, session_tensors
-from optserver.store import Push, RoundMember, Session, SessionStore
+from optserver.store import SessionStore
 
 __all__ = ["DataDir", "DataDirError"]
 
@@ -502,28 +508,21 @@ class DataDir:
         self, store: SessionStore, journal: Journal
     ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
         """Start the next segment and copy every session, with nothing changing in between."""
-        with store._lock:
-            sessions = sorted(store._sessions.values(), key=lambda s: s.id)
+        with store.frozen() as sessions:
+            number = journal.rotate()
+            tensors: dict[str, np.ndarray] = {}
+            records: dict[str, Any] = {}
             for session in sessions:
-                session._lock.acquire()
-            try:
-                number = journal.rotate()
-                tensors: dict[str, np.ndarray] = {}
-                records: dict[str, Any] = {}
-                for session in sessions:
-                    own, record = session_tensors(session, private=True)
-                    # Weights and state move on as soon as the locks are released: copy
-                    # them (remembered answers never change: no copy).
-                    tensors.update(
-                        {
-                            f"{session.id}/{k}": v if k.startswith("memo/") else v.copy()
-                            for k, v in own.items()
-                        }
-                    )
-                    records[session.id] = record.model_dump(mode="json")
-            finally:
-                for session in sessions:
-                    session._lock.release()
+                own, record = session_tensors(session, private=True)
+                # Weights and state move on as soon as the locks are released: copy them
+                # (remembered answers never change: no copy).
+                tensors.update(
+                    {
+                        f"{session.id}/{k}": v if k.startswith("memo/") else v.copy()
+                        for k, v in own.items()
+                    }
+                )
+                records[session.id] = record.model_dump(mode="json")
         return number, tensors, records
 
     def _snapshot_failed(self, exc: BaseException) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from optserver_client.vocabulary import RETRY_AFTER_HEADER, ProblemSlug, problem_type
+
 __all__ = [
     "BadRequest",
     "Conflict",
@@ -35,37 +37,32 @@ __all__ = [
     "problem_type",
 ]
 
-PROBLEM_BASE = "urn:optserver:problem:"
-
-
-def problem_type(slug: str) -> str:
-    """The ``type`` URI of a problem: ``urn:optserver:problem:<slug>``."""
-    return PROBLEM_BASE + slug
-
 
 class ProblemError(Exception):
     """Base of every error answered as problem+json."""
 
     status: ClassVar[int] = 500
-    slug: ClassVar[str] = "internal-error"
+    #: Each class's default is a ProblemSlug member, as is every ``slug`` argument (typed so).
+    #: An instance holds a plain str: slugs key counts of rejections, which are written with
+    #: orjson, and orjson takes no str subclass as a dict key.
+    slug: str = ProblemSlug.INTERNAL_ERROR
     title: ClassVar[str] = "Internal server error"
 
     def __init__(
         self,
         detail: str,
         *,
-        slug: str | None = None,
+        slug: ProblemSlug | None = None,
         retry_after: float | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
-        if slug is not None:
-            self.slug = slug  # type: ignore[misc]
+        self.slug = str(type(self).slug if slug is None else slug)
         self.headers: dict[str, str] = {}
         if retry_after is not None:  # when trying again makes sense (503, 507)
-            self.headers["Retry-After"] = str(max(1, round(retry_after)))
+            self.headers[RETRY_AFTER_HEADER] = str(max(1, round(retry_after)))
 
     @property
     def type(self) -> str:
@@ -85,7 +82,7 @@ class BadRequest(ProblemError):
     """Malformed body: not JSON, not safetensors, a header that does not add up."""
 
     status = 400
-    slug = "malformed-body"
+    slug = ProblemSlug.MALFORMED_BODY
     title = "Malformed request body"
 
 
@@ -93,20 +90,20 @@ class UnprocessableContent(ProblemError):
     """Well-formed, but the values are not acceptable (options, modes, names)."""
 
     status = 422
-    slug = "invalid-request"
+    slug = ProblemSlug.INVALID_REQUEST
     title = "Invalid request"
 
 
 class InvalidTensor(UnprocessableContent):
     """A tensor does not fit: unknown name, shape or dtype mismatch, NaN/Inf, too large."""
 
-    slug = "invalid-tensor"
+    slug = ProblemSlug.INVALID_TENSOR
     title = "Invalid tensor"
 
 
 class Unauthorized(ProblemError):
     status = 401
-    slug = "unauthorized"
+    slug = ProblemSlug.UNAUTHORIZED
     title = "Missing or wrong credentials"
 
     def __init__(self, detail: str, **extra: Any) -> None:
@@ -116,44 +113,44 @@ class Unauthorized(ProblemError):
 
 class Forbidden(ProblemError):
     status = 403
-    slug = "forbidden"
+    slug = ProblemSlug.FORBIDDEN
     title = "Credentials do not open this resource"
 
 
 class NotFound(ProblemError):
     status = 404
-    slug = "not-found"
+    slug = ProblemSlug.NOT_FOUND
     title = "Not found"
 
 
 class NotAcceptable(ProblemError):
     status = 406
-    slug = "not-acceptable"
+    slug = ProblemSlug.NOT_ACCEPTABLE
     title = "No acceptable response type"
 
 
 class Conflict(ProblemError):
     status = 409
-    slug = "conflict"
+    slug = ProblemSlug.CONFLICT
     title = "Conflict with the session's state"
 
 
 class StaleGradient(Conflict):
     """ssp mode: the push was computed on weights too many versions old."""
 
-    slug = "stale-gradient"
+    slug = ProblemSlug.STALE_GRADIENT
     title = "Stale gradient"
 
 
 class PayloadTooLarge(ProblemError):
     status = 413
-    slug = "payload-too-large"
+    slug = ProblemSlug.PAYLOAD_TOO_LARGE
     title = "Request body too large"
 
 
 class UnsupportedMediaType(ProblemError):
     status = 415
-    slug = "unsupported-media-type"
+    slug = ProblemSlug.UNSUPPORTED_MEDIA_TYPE
     title = "Unsupported content type"
 
 
@@ -161,7 +158,7 @@ class LimitExceeded(ProblemError):
     """A configured quota (sessions, tensors, elements) would be exceeded."""
 
     status = 429
-    slug = "limit-exceeded"
+    slug = ProblemSlug.LIMIT_EXCEEDED
     title = "Limit exceeded"
 
 
@@ -169,13 +166,13 @@ class InsufficientStorage(ProblemError):
     """The total-bytes quota of the server would be exceeded."""
 
     status = 507
-    slug = "insufficient-storage"
+    slug = ProblemSlug.INSUFFICIENT_STORAGE
     title = "Quota of stored bytes exceeded"
 
 
 class ServiceUnavailable(ProblemError):
     status = 503
-    slug = "unavailable"
+    slug = ProblemSlug.UNAVAILABLE
     title = "Service unavailable"
 
 
@@ -183,7 +180,7 @@ class JournalUnavailable(ServiceUnavailable):
     """The data directory cannot record the change (a read-only or failing disk): nothing was
     applied; retry later (``Retry-After``)."""
 
-    slug = "journal-unavailable"
+    slug = ProblemSlug.JOURNAL_UNAVAILABLE
     title = "The journal cannot record changes"
 
 
@@ -198,14 +195,14 @@ class NonfiniteResult(UnprocessableContent):
     """The step would leave NaN or Inf in the weights or the optimizer state (nonfinite policy
     ``reject``): it was refused and nothing changed."""
 
-    slug = "nonfinite-result"
+    slug = ProblemSlug.NONFINITE_RESULT
     title = "The step would produce NaN or Inf"
 
 
 class IdempotencyKeyReused(UnprocessableContent):
     """An Idempotency-Key seen before arrived with a different request."""
 
-    slug = "idempotency-key-reused"
+    slug = ProblemSlug.IDEMPOTENCY_KEY_REUSED
     title = "Idempotency-Key reused with a different request"
 
 
@@ -213,7 +210,7 @@ class HeadersTooLarge(ProblemError):
     """The request's header fields exceed the server's limit (they are held in memory)."""
 
     status = 431
-    slug = "headers-too-large"
+    slug = ProblemSlug.HEADERS_TOO_LARGE
     title = "Request header fields too large"
 
 
@@ -221,5 +218,5 @@ class RequestTimeout(ProblemError):
     """The client sent its request too slowly (headers or body past their deadline)."""
 
     status = 408
-    slug = "request-timeout"
+    slug = ProblemSlug.REQUEST_TIMEOUT
     title = "Request timeout"

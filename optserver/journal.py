@@ -39,6 +39,10 @@ The journal only ever writes to a descriptor it owns: :meth:`Journal.rotate` ope
 segment before it lets go of the current one and keeps the current one when anything fails; a
 journal without a segment holds the descriptor number -1, never a number the process may reuse
 for something else (a socket).
+
+Over 400 lines on purpose: the writer's state machine, the group-commit flusher and the
+segment reader share one file descriptor, one lock and one set of invariants (nothing is ever
+appended after a partial record; a failed fsync fails closed), which stay private here.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ __all__ = [
     "segments",
 ]
 
+#: When appended records are forced to disk (the ``fsync`` setting, defined here, where it is
+#: implemented, so that the journal needs nothing of the configuration).
 FsyncPolicy = Literal["always", "interval", "never"]
 _HEAD = struct.Struct("<II")
 _NAME = re.compile(r"^wal-(\d{8})\.log$")

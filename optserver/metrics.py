@@ -6,6 +6,9 @@ everything else folded into ``session="_other"`` / ``worker="_other"``, and labe
 to ``label_bytes`` bytes. Folding keeps sums: the server-wide totals are exact, and the
 per-worker series of a counter add up to what every worker did. A scrape is generated in a
 worker thread, one at a time.
+
+A little over 400 lines: the metric families, the folding collector and the ASGI middleware
+that feeds them are one concept (what /metrics shows) with one bound on its size.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ request gets the first answer again and applies nothing; the same key with a dif
 is an error (:class:`~optserver.errors.IdempotencyKeyReused`), never a replay of the wrong
 answer.
 
-Answers are kept in one canonical encoding, safetensors (exact dtypes and shapes, and smaller
-than JSON), so that a replay can follow the retry's ``Accept``: binary is sent as kept, JSON is
-re-encoded from it. An answer larger than a quarter of the byte budget is remembered by version
-only, and its replay is encoded from the current weights of the tensors it named.
+An answer is kept as the :class:`~optserver.frozen.Frozen` copies it was encoded from (exact
+dtypes and shapes), so that a replay can follow the retry's ``Accept``: a safetensors replay is
+the same document, byte for byte, a JSON one is encoded from the same tensors. An answer larger
+than a quarter of the byte budget is remembered by version only, and its replay is encoded from
+the current weights of the tensors it named.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from optserver_client import safetensors_io
 
 from optserver.errors import IdempotencyKeyReused
-from optserver.replies import BINARY, Answer, Reply, Returns
-from optserver.wire import Buffer
+from optserver.frozen import Frozen
+from optserver.replies import Answer, Reply, Returns, answer_metadata
 
 __all__ = ["Remembered", "ReplayCache"]
 
@@ -32,8 +32,8 @@ __all__ = ["Remembered", "ReplayCache"]
 class Remembered:
     """What is kept of one answered push."""
 
-    #: The answer as a safetensors document, or None when it was too large to keep.
-    body: Buffer | None
+    #: The answer's tensors, or None when they were too large to keep.
+    tensors: Frozen | None
     returns: Returns
     names: tuple[str, ...]
     applied: bool
@@ -45,7 +45,14 @@ class Remembered:
 
     @property
     def size(self) -> int:
-        return 0 if self.body is None else len(self.body)
+        return 0 if self.tensors is None else self.tensors.nbytes
+
+    @property
+    def body(self) -> memoryview | None:
+        """The kept answer as a safetensors document (what snapshots store), or None."""
+        if self.tensors is None:
+            return None
+        return memoryview(self.tensors.document(answer_metadata(self.version, self.applied)))
 
 
 class ReplayCache:
@@ -69,47 +76,30 @@ class ReplayCache:
         for key, memo in entries.items():
             self._insert(key, memo)
 
-    def remember(
+    def keep(
         self,
         key: str,
-        reply: Reply,
         answer: Answer,
-        chosen: Mapping[str, np.ndarray],
+        tensors: Frozen,
+        *,
         applied: bool,
+        version: int,
         fingerprint: str | None,
+        ticket: int | None,
     ) -> None:
-        """Keep the answer ``reply`` (made by ``answer`` from the tensors ``chosen``)."""
+        """Remember the answer to the push that carried ``key`` (its tensors are immutable:
+        no copy is made)."""
         if self.max_keys <= 0:
             return
-        binary = reply.media_type == BINARY
-        size = len(reply.body) if binary else sum(a.nbytes for a in chosen.values())
-        body: Buffer | None = None
-        if size <= self.max_bytes // 4:  # a binary answer is kept as it is: no second copy
-            body = reply.body if binary else Answer("binary")(reply.version, applied, chosen).body
+        kept = tensors if tensors.nbytes <= self.max_bytes // 4 else None
         memo = Remembered(
-            body, answer.returns, tuple(chosen), applied, reply.version, fingerprint, reply.ticket
+            kept, answer.returns, tuple(tensors.tensors), applied, version, fingerprint, ticket
         )
         self._insert(key, memo)
 
-    def _insert(self, key: str, memo: Remembered) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= old.size
-        self._entries[key] = memo
-        self._bytes += memo.size
-        while len(self._entries) > self.max_keys or self._bytes > self.max_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.size
-
-    def replay(
-        self,
-        key: str | None,
-        answer: Answer,
-        fingerprint: str | None,
-        current: Mapping[str, np.ndarray],
-    ) -> Reply | None:
-        """The earlier answer to ``key`` encoded as ``answer`` asks (None if the key is new);
-        ``current``: the session's weights, for answers kept by version only."""
+    def lookup(self, key: str | None, fingerprint: str | None) -> Remembered | None:
+        """The earlier answer to ``key`` (None if the key is new); 422 if the key came with a
+        different ``fingerprint``."""
         if key is None:
             return None
         memo = self._entries.get(key)
@@ -123,13 +113,49 @@ class ReplayCache:
                 key=key,
             )
         self._entries.move_to_end(key)
-        replay = Answer(answer.fmt, memo.returns)
-        if memo.body is None:
-            present = {n: current[n] for n in memo.names if n in current}
-            reply = replay(memo.version, memo.applied, present)
-        elif answer.fmt == "binary":
-            reply = Reply(memo.body, BINARY, memo.version)
-        else:
-            tensors, _ = safetensors_io.decode(memo.body)
-            reply = replay(memo.version, memo.applied, tensors)
+        return memo
+
+    def _insert(self, key: str, memo: Remembered) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        self._entries[key] = memo
+        self._bytes += memo.size
+        while len(self._entries) > self.max_keys or self._bytes > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.size
+
+    # --- encoded answers (outside any session) ---------------------------------------------
+
+    def remember(
+        self,
+        key: str,
+        reply: Reply,
+        answer: Answer,
+        chosen: Mapping[str, np.ndarray],
+        applied: bool,
+        fingerprint: str | None,
+    ) -> None:
+        """Keep the answer ``reply`` (made by ``answer`` from the tensors ``chosen``)."""
+        self.keep(
+            key, answer, Frozen(chosen), applied=applied, version=reply.version,
+            fingerprint=fingerprint, ticket=reply.ticket,
+        )  # fmt: skip
+
+    def replay(
+        self,
+        key: str | None,
+        answer: Answer,
+        fingerprint: str | None,
+        current: Mapping[str, np.ndarray],
+    ) -> Reply | None:
+        """The earlier answer to ``key`` encoded as ``answer`` asks (None if the key is new);
+        ``current``: the weights, for answers kept by version only."""
+        memo = self.lookup(key, fingerprint)
+        if memo is None:
+            return None
+        tensors = memo.tensors
+        if tensors is None:
+            tensors = Frozen({n: current[n] for n in memo.names if n in current})
+        reply = Answer(answer.fmt, memo.returns).encode(memo.version, memo.applied, tensors)
         return Reply(reply.body, reply.media_type, reply.version, replayed=True, ticket=memo.ticket)

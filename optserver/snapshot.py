@@ -23,18 +23,21 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
+from optserver_client.vocabulary import ProblemSlug
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from optserver.admission import hyper
 from optserver.config import NonFinitePolicy
 from optserver.errors import BadRequest, InvalidTensor, UnprocessableContent
+from optserver.frozen import Frozen
 from optserver.modes import Mode
 from optserver.optim import OptimError
 from optserver.optim import create as create_optimizer
-from optserver.optim.kernels import count_nonfinite
 from optserver.optim.schedules import create_schedule
 from optserver.replay import Remembered
 from optserver.replies import BINARY, Returns
-from optserver.store import Session, SessionStore, StoreLimits, _hyper
+from optserver.session import Session, SessionLimits
+from optserver.store import SessionStore
 
 __all__ = [
     "FORMAT",
@@ -95,7 +98,8 @@ class SessionRecord(BaseModel):
 def export_session(
     session: Session, *, private: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Tensors (views: encode them under ``session.locked()``) and metadata of a session."""
+    """Tensors (the session's own arrays: encode them under ``session.locked()``) and
+    metadata of a session."""
     tensors, record = session_tensors(session, private=private)
     return tensors, {FORMAT_KEY: FORMAT, RECORD_KEY: record.model_dump_json()}
 
@@ -103,6 +107,9 @@ def export_session(
 def session_tensors(
     session: Session, *, private: bool = False
 ) -> tuple[dict[str, np.ndarray], SessionRecord]:
+    """The arrays and record of a session; call it with the session's lock held. Weights and
+    state are the session's own arrays (they change with its next step); ``memo/N`` arrays
+    are immutable."""
     tensors: dict[str, np.ndarray] = {}
     for name, param in session.params.items():
         tensors[f"params/{name}"] = param
@@ -123,8 +130,9 @@ def session_tensors(
                     fingerprint=remembered.fingerprint,
                 )
             )
-            if remembered.body is not None:
-                tensors[f"memo/{index}"] = np.frombuffer(remembered.body, dtype=np.uint8)
+            body = remembered.body
+            if body is not None:
+                tensors[f"memo/{index}"] = np.frombuffer(body, dtype=np.uint8)
         extra = Private(
             id=session.id,
             token_digest=session.token_digest.hex(),
@@ -181,7 +189,7 @@ def split_tensors(
 def restore_session(
     record: SessionRecord,
     tensors: dict[str, np.ndarray],
-    limits: StoreLimits,
+    limits: SessionLimits,
     *,
     token_digest: bytes | None = None,
     name: str | None = None,
@@ -201,8 +209,8 @@ def restore_session(
             )
     session = Session(
         name=name if name is not None else record.name,
-        optimizer=_hyper(lambda: create_optimizer(record.optimizer)),
-        schedule=_hyper(lambda: create_schedule(record.schedule)),
+        optimizer=hyper(lambda: create_optimizer(record.optimizer)),
+        schedule=hyper(lambda: create_schedule(record.schedule)),
         mode=record.mode,
         nonfinite=record.nonfinite,
         limits=limits,
@@ -213,21 +221,19 @@ def restore_session(
         nonfinite, session.nonfinite = session.nonfinite, "allow"  # restore what was there
         session.put_params(params)
         session.nonfinite = nonfinite
-        for tensor, param in session.params.items():
+        for tensor in session.params:
             try:
-                session.state[tensor] = session.optimizer.restore_tensor(
-                    param, step=record.steps.get(tensor, 0), arrays=arrays.get(tensor, {})
+                session.restore_tensor(
+                    tensor, step=record.steps.get(tensor, 0), arrays=arrays.get(tensor, {})
                 )
             except OptimError as exc:
                 raise InvalidTensor(str(exc), tensor=tensor) from None
-            state = session.state[tensor]
-            state.nonfinite = bool(count_nonfinite(param)) or state.holds_nonfinite()
-            if state.nonfinite and private is None and nonfinite != "allow":
+            if session.state[tensor].nonfinite and private is None and nonfinite != "allow":
                 raise InvalidTensor(
                     f"tensor {tensor!r} holds NaN or Inf in its weights or optimizer state, "
                     f"and the session's nonfinite policy is {nonfinite!r}: import it with "
                     "the policy 'allow', or repair the export",
-                    slug="nonfinite",
+                    slug=ProblemSlug.NONFINITE,
                     tensor=tensor,
                 )
         session.version = record.version
@@ -243,9 +249,11 @@ def restore_session(
 def _restore_private(session: Session, private: Any, memo: dict[int, np.ndarray]) -> None:
     remembered: OrderedDict[str, Remembered] = OrderedDict()
     for index, entry in enumerate(private.memo):
-        body = memo[index].tobytes() if entry.media_type == BINARY and index in memo else None
+        kept = None
+        if entry.media_type == BINARY and index in memo:
+            kept = Frozen.from_document(memo[index].tobytes())
         remembered[entry.key] = Remembered(
-            body, entry.returns, tuple(entry.names), entry.applied, entry.version,
+            kept, entry.returns, tuple(entry.names), entry.applied, entry.version,
             entry.fingerprint,
         )  # fmt: skip
     session.replays.restore(remembered)

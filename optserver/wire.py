@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from optserver_client import safetensors_io
 from optserver_client.safetensors_io import SafetensorsError
+from optserver_client.vocabulary import ProblemSlug
 
 from optserver.errors import BadRequest, InvalidTensor, LimitExceeded
 
@@ -36,9 +37,12 @@ Buffer = safetensors_io.Buffer
 
 @dataclass(frozen=True)
 class Limits:
-    max_tensors: int = 10_000
-    max_elements: int = 1 << 28
-    max_depth: int = 32
+    """Bounds on decoded tensors. No defaults: the values come from the settings, which alone
+    hold them (``optserver.api.codec.limits``)."""
+
+    max_tensors: int
+    max_elements: int
+    max_depth: int
 
 
 def decode_safetensors(
@@ -58,17 +62,17 @@ def decode_safetensors(
             json_shapes=True,
         )
     except SafetensorsError as exc:
-        detail = f"safetensors: {exc}"
+        detail, tensor = f"safetensors: {exc}", exc.tensor
         if exc.kind == "dtype":
-            raise InvalidTensor(detail, tensor=exc.tensor) from None
+            raise InvalidTensor(detail, tensor=tensor) from None
         if exc.kind == "too-large":
-            raise InvalidTensor(detail, slug="tensor-too-large", tensor=exc.tensor) from None
+            raise InvalidTensor(detail, slug=ProblemSlug.TENSOR_TOO_LARGE, tensor=tensor) from None
         if exc.kind == "shape":
-            raise InvalidTensor(detail, slug="unsupported-shape", tensor=exc.tensor) from None
+            raise InvalidTensor(detail, slug=ProblemSlug.UNSUPPORTED_SHAPE, tensor=tensor) from None
         if exc.kind == "too-many":
-            raise LimitExceeded(detail, slug="too-many-tensors") from None
-        if exc.tensor:
-            raise BadRequest(detail, tensor=exc.tensor) from None
+            raise LimitExceeded(detail, slug=ProblemSlug.TOO_MANY_TENSORS) from None
+        if tensor:
+            raise BadRequest(detail, tensor=tensor) from None
         raise BadRequest(detail) from None
 
 
@@ -112,7 +116,7 @@ def decode_json_tensor(name: str, value: Any, dtype: np.dtype[Any], limits: Limi
         raise InvalidTensor(
             f"tensor {name!r} of shape {list(array.shape)} has {held}; the limit is "
             f"{limits.max_elements}",
-            slug="tensor-too-large",
+            slug=ProblemSlug.TENSOR_TOO_LARGE,
             tensor=name,
         )
     with np.errstate(over="ignore"):

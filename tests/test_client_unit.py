@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,13 +44,27 @@ from optserver_client._codec import (
     encode_json_tensor,
     encode_safetensors,
 )
-from optserver_client._retry import MAX_BACKOFF, RetryPolicy
+from optserver_client._protocol import retry_push
+from optserver_client._retry import MAX_BACKOFF, Retry, RetryPolicy
 from optserver_client.exceptions import error_from_parts, error_from_response
+from optserver_client.vocabulary import (
+    BINARY,
+    IDEMPOTENCY_KEY_HEADER,
+    JSON,
+    PROBLEM,
+    PROBLEM_TYPE_BASE,
+    REPLAYED_HEADER,
+    RETRY_AFTER_HEADER,
+    VERSION_HEADER,
+    ProblemSlug,
+    problem_type,
+)
+
+from optserver import errors as server_errors
+from optserver import wire as server_wire
 
 Grads = dict[str, np.ndarray]
 
-BINARY = "application/octet-stream"
-PROBLEM = "application/problem+json"
 FLOATS = ["float16", "float32", "float64"]
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -880,3 +898,205 @@ def test_exports() -> None:
     assert optserver_client.__version__ == "0.1.0"
     for name in optserver_client.__all__:
         assert hasattr(optserver_client, name)
+
+
+# -- one protocol vocabulary, for the server and the client -------------------------------------
+# The server's problems, media types and headers are named once, in optserver_client.vocabulary:
+# these tests check that both sides read them from there and that the client recognises every
+# problem the server can answer with by its exact type.
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCABULARY = ROOT / "client" / "optserver_client" / "vocabulary.py"
+SOURCES = sorted(
+    path
+    for folder in (ROOT / "optserver", ROOT / "client" / "optserver_client")
+    for path in folder.rglob("*.py")
+    if path != VOCABULARY
+)
+SERVER_SOURCES = [path for path in SOURCES if (ROOT / "optserver") in path.parents]
+
+
+def _error_classes() -> list[type[server_errors.ProblemError]]:
+    found: list[type[server_errors.ProblemError]] = []
+    pending: list[type[server_errors.ProblemError]] = [server_errors.ProblemError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return sorted(found, key=lambda cls: cls.__name__)
+
+
+def _string_literals(path: Path) -> Iterator[tuple[int, str]]:
+    """Each str constant of a module with its line, docstrings left out (they may name a
+    header to document it), f-string pieces included."""
+    tree = ast.parse(path.read_text("utf-8"))
+    docs = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node.lineno, node.value
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path.relative_to(ROOT)}:{line}"
+
+
+@pytest.mark.parametrize("cls", _error_classes(), ids=lambda cls: cls.__name__)
+def test_client_maps_every_problem_slug_the_server_declares(
+    cls: type[server_errors.ProblemError],
+) -> None:
+    assert isinstance(cls.slug, ProblemSlug), f"{cls.__name__}.slug is not a ProblemSlug"
+    raised = cls("what went wrong")
+    assert raised.type == problem_type(cls.slug)
+    body = server_wire.encode_json(raised.to_problem())
+    error = error_from_parts(cls.status, {"Content-Type": PROBLEM, **raised.headers}, body)
+    assert error.status == cls.status
+    assert error.type == problem_type(cls.slug)
+    assert error.title == cls.title
+    assert isinstance(error, StaleGradientError) == (cls is server_errors.StaleGradient)
+    if cls.status >= 500 and cls.status != 507:
+        assert isinstance(error, ServerError)
+
+
+def test_client_maps_problems_by_their_exact_type() -> None:
+    round_failed = server_errors.Conflict("late", slug=ProblemSlug.ROUND_FAILED)
+    for slug, action in ((ProblemSlug.STALE_GRADIENT, "recompute"), (None, None)):
+        stale = server_errors.Conflict("behind", slug=slug)
+        error = error_from_parts(409, {"Content-Type": PROBLEM}, encode_json(stale.to_problem()))
+        assert retry_push(error) == action
+    error = error_from_parts(409, {"Content-Type": PROBLEM}, encode_json(round_failed.to_problem()))
+    assert retry_push(error) == "repeat"
+    # Another namespace's types that merely end the same are not ours.
+    for suffix in (ProblemSlug.STALE_GRADIENT, ProblemSlug.ROUND_FAILED):
+        body = encode_json({"type": f"urn:elsewhere:{suffix}", "status": 409})
+        error = error_from_parts(409, {"Content-Type": PROBLEM}, body)
+        assert type(error) is ConflictError
+        assert retry_push(error) is None
+
+
+def test_every_problem_slug_is_one_the_server_answers_with() -> None:
+    """ProblemSlug holds no slug the server never uses: each member is an error class's default
+    or is named as ``ProblemSlug.MEMBER`` in the server's code."""
+    used = {cls.slug for cls in _error_classes()}
+    for path in SERVER_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "ProblemSlug"
+            ):
+                used.add(ProblemSlug[node.attr])
+            # The optimizer core's TensorError(mismatch="shape") is answered as
+            # ProblemSlug(f"{mismatch}-mismatch").
+            if (
+                isinstance(node, ast.keyword)
+                and node.arg == "mismatch"
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                used.add(ProblemSlug(f"{node.value.value}-mismatch"))
+    assert set(ProblemSlug) - used == set()
+
+
+def test_every_slug_argument_is_a_problem_slug() -> None:
+    """A ``slug=`` given as a string literal would be a problem type outside the vocabulary."""
+    literal = [
+        _where(path, node.lineno)
+        for path in SERVER_SOURCES
+        for node in ast.walk(ast.parse(path.read_text("utf-8")))
+        if isinstance(node, ast.keyword)
+        and node.arg == "slug"
+        and isinstance(node.value, ast.Constant | ast.JoinedStr)
+    ]
+    assert literal == []
+
+
+def test_no_problem_type_or_version_header_literal_outside_vocabulary() -> None:
+    found = [
+        f"{_where(path, line)}: {value!r}"
+        for path in SOURCES
+        for line, value in _string_literals(path)
+        if PROBLEM_TYPE_BASE in value or VERSION_HEADER.lower() in value.lower()
+    ]
+    assert found == []
+
+
+def test_no_media_type_or_header_name_literal_outside_vocabulary() -> None:
+    # Exact values only: prose that names a header ("Idempotency-Key {key!r} ...") may stay, and
+    # "params/" is left out since the snapshot format has a tensor prefix of its own.
+    names = {
+        name.lower()
+        for name in (
+            JSON,
+            BINARY,
+            PROBLEM,
+            VERSION_HEADER,
+            IDEMPOTENCY_KEY_HEADER,
+            REPLAYED_HEADER,
+            RETRY_AFTER_HEADER,
+        )
+    }
+    found = [
+        f"{_where(path, line)}: {value!r}"
+        for path in SOURCES
+        for line, value in _string_literals(path)
+        if value.lower() in names
+    ]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        server_errors.ServiceUnavailable("connections exhausted", retry_after=2),
+        server_errors.JournalUnavailable("the disk is read-only", retry_after=3),
+    ],
+    ids=lambda error: error.slug,
+)
+def test_the_servers_503_problems_are_the_ones_the_client_retries(
+    error: server_errors.ProblemError,
+) -> None:
+    retry_after = error.headers[RETRY_AFTER_HEADER]
+    script = Script(
+        httpx.Response(
+            error.status,
+            content=server_wire.encode_json(error.to_problem()),
+            headers={"Content-Type": PROBLEM, **error.headers},
+        ),
+        json_response(200, {"status": "ok"}),
+    )
+    with client_for(script) as client:
+        assert client.health() == {"status": "ok"}
+    assert len(script.requests) == 2
+    attempts = RetryPolicy(retries=1, backoff=0.0).start("GET", "/healthz", Retry.SAFE)
+    assert attempts.after_status(error.status, retry_after) == pytest.approx(
+        float(retry_after), rel=0.11
+    )
+
+
+def test_protocol_definitions_are_single() -> None:
+    from optserver import config, journal
+    from optserver.api.server import ConnectionLimits
+
+    assert config.FsyncPolicy is journal.FsyncPolicy
+    # Limits hold no defaults of their own: the settings' are the only ones.
+    for holder in (server_wire.Limits, ConnectionLimits):
+        defaulted = [f.name for f in dataclasses.fields(holder) if f.default is not MISSING]
+        assert defaulted == [], holder.__name__
+
+
+def test_client_imports_without_the_server() -> None:
+    # Only numpy and httpx: the server's packages (and orjson, optional) are made unimportable.
+    code = (
+        "import sys\n"
+        "for name in ('optserver', 'fastapi', 'starlette', 'pydantic', 'pydantic_settings',\n"
+        "             'uvicorn', 'orjson', 'safetensors', 'torch'):\n"
+        "    sys.modules[name] = None\n"
+        "import optserver_client, optserver_client.compat, optserver_client.vocabulary\n"
+        "from optserver_client._codec import encode_json\n"
+        "assert encode_json({'a': 1}) == b'{\"a\":1}'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

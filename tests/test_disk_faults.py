@@ -31,11 +31,13 @@ import pytest
 import safetensors.numpy as stn
 from optserver_client import Client
 
+from optserver.config import Settings
 from optserver.durability import DataDir, DataDirError
 from optserver.errors import DiskFull, JournalUnavailable
 from optserver.journal import Journal, JournalFailed, JournalUnwritable, State, read_segment
+from optserver.push import Push
 from optserver.replies import Answer
-from optserver.store import Push, SessionStore
+from optserver.store import SessionStore, StoreLimits
 from tests.live import LiveServer, free_port, live_server
 from tests.test_durability import kill, one_hot
 
@@ -376,7 +378,7 @@ def state_of(journal: Journal) -> State:
 
 
 def new_data_dir(path: Path, **options: Any) -> tuple[DataDir, SessionStore]:
-    store = SessionStore()
+    store = SessionStore(StoreLimits.from_settings(Settings()))
     data_dir = DataDir(path, **options)
     data_dir.open(store)
     return data_dir, store

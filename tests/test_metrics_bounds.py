@@ -207,7 +207,7 @@ def test_a_heavy_scrape_does_not_stall_the_event_loop() -> None:
 def full_store(sessions: int, workers: int) -> SessionStore:
     """``sessions`` sessions of ``workers`` workers with 256-character names each (built in
     the store directly: a million pushes over HTTP would take too long)."""
-    store = SessionStore(StoreLimits(max_sessions=sessions))
+    store = SessionStore(StoreLimits.from_settings(Settings(max_sessions=sessions)))
     names = [worker_name(k) for k in range(workers)]
     for _ in range(sessions):
         session, _ = store.create(optimizer="sgd", params={"w": np.zeros(1, np.float32)})
@@ -268,7 +268,7 @@ def test_the_default_limits_bound_a_scrape_of_a_full_server() -> None:
 
 
 def test_workers_keep_their_series_when_others_become_busier() -> None:
-    store = SessionStore()
+    store = SessionStore(StoreLimits.from_settings(Settings()))
     session, _ = store.create(optimizer="sgd", params={"w": np.zeros(1, np.float32)})
     app = create_app(Settings(metrics_workers=3), store=store)
     for name in "abcdef":
@@ -283,7 +283,7 @@ def test_workers_keep_their_series_when_others_become_busier() -> None:
 
 
 def test_long_and_unencodable_names_become_short_distinct_labels() -> None:
-    store = SessionStore()
+    store = SessionStore(StoreLimits.from_settings(Settings()))
     session, _ = store.create(optimizer="sgd", params={"w": np.zeros(1, np.float32)})
     names = ["x" * 255 + "1", "x" * 255 + "2", "lone \ud800 surrogate", "_other"]
     for name in names:

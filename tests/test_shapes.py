@@ -215,7 +215,7 @@ def test_empty_json_rows_count_against_the_element_limit(server: LiveServer) -> 
 def test_every_dimension_fits_an_index_whatever_the_element_limit() -> None:
     """A server configured with an enormous element limit still refuses what numpy cannot
     index (422, not a crash)."""
-    limits = Limits(max_elements=2**200)
+    limits = Limits(max_tensors=10, max_elements=2**200, max_depth=8)
     for shape in ([0, 2**70], [0, 2**63], [0, 2**62, 2**62], [0, 2**61, 2**61 - 1]):
         with pytest.raises(InvalidTensor, match="64-bit index") as caught:
             decode_safetensors(document(empty("e", shape)), limits)

@@ -31,6 +31,7 @@ from optserver_client._protocol import (
 )
 from optserver_client._retry import RetryPolicy
 from optserver_client.exceptions import ConflictError, StaleGradientError
+from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
 __all__ = ["AsyncClient", "AsyncClientOptions", "AsyncSession"]
 
@@ -147,7 +148,7 @@ class AsyncClient:
             except httpx.RequestError as error:
                 await asyncio.sleep(attempts.after_error(error))
                 continue
-            delay = attempts.after_status(reply.status, reply.headers.get("retry-after"))
+            delay = attempts.after_status(reply.status, reply.headers.get(RETRY_AFTER_HEADER))
             if delay is None:
                 return call.finish(reply)
             await asyncio.sleep(delay)

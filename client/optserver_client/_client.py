@@ -24,6 +24,7 @@ from optserver_client._protocol import (
 )
 from optserver_client._retry import RetryPolicy
 from optserver_client.exceptions import ConflictError, StaleGradientError
+from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
 __all__ = ["Client", "ClientOptions", "Session"]
 
@@ -150,7 +151,7 @@ class Client:
             except httpx.RequestError as error:
                 time.sleep(attempts.after_error(error))
                 continue
-            delay = attempts.after_status(reply.status, reply.headers.get("retry-after"))
+            delay = attempts.after_status(reply.status, reply.headers.get(RETRY_AFTER_HEADER))
             if delay is None:
                 return call.finish(reply)
             time.sleep(delay)

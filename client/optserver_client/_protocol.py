@@ -38,6 +38,22 @@ from optserver_client.exceptions import (
     error_from_parts,
 )
 from optserver_client.safetensors_io import Buffer, allocate
+from optserver_client.vocabulary import (
+    APPLIED_KEY,
+    BASE_VERSION_KEY,
+    BINARY,
+    IDEMPOTENCY_KEY_HEADER,
+    JSON,
+    LR_KEY,
+    PARAMS_PREFIX,
+    RETURN_MODES,
+    VERSION_HEADER,
+    VERSION_KEY,
+    WORKER_KEY,
+    ProblemSlug,
+    ReturnMode,
+    problem_type,
+)
 
 __all__ = [
     "UNSET",
@@ -51,16 +67,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-JSON = "application/json"
-BINARY = "application/octet-stream"
-VERSION_HEADER = "Optserver-Version"
-PARAMS_PREFIX = "params/"  # safetensors step bodies: current weights are "params/NAME"
-
 _F16 = np.dtype("<f2")
 _F32 = np.dtype("<f4")
 
 Tensors: TypeAlias = Mapping[str, TensorLike]
-ReturnMode: TypeAlias = Literal["stepped", "all", "none"]
 
 
 class Unset(enum.Enum):
@@ -304,8 +314,9 @@ class SessionCore:
         return_: ReturnMode,
     ) -> Call[dict[str, Array]]:
         """POST .../step; the result is the returned weights (empty for return="none")."""
-        if return_ not in ("stepped", "all", "none"):
-            raise ValueError(f"return_ must be 'stepped', 'all' or 'none', not {return_!r}")
+        if return_ not in RETURN_MODES:
+            modes = ", ".join(repr(mode) for mode in RETURN_MODES)
+            raise ValueError(f"return_ must be one of {modes}, not {return_!r}")
         grad_arrays = {n: self._tensor(n, g, keep_f16=True) for n, g in grads.items()}
         if not grad_arrays:
             raise ValueError("a step needs at least one gradient")
@@ -314,11 +325,11 @@ class SessionCore:
             self.dtypes.setdefault(name, array.dtype)  # registered on first sight
         scalars: dict[str, Any] = {}
         if lr is not None:
-            scalars["lr"] = float(lr)
+            scalars[LR_KEY] = float(lr)
         if base_version is not None:
-            scalars["base_version"] = int(base_version)
+            scalars[BASE_VERSION_KEY] = int(base_version)
         if worker is not None:
-            scalars["worker"] = str(worker)
+            scalars[WORKER_KEY] = str(worker)
         # A gradient named "params/..." would read as weights in safetensors: send JSON instead.
         binary = self.client.binary and not any(n.startswith(PARAMS_PREFIX) for n in grad_arrays)
         if binary:
@@ -340,7 +351,7 @@ class SessionCore:
             "Content-Type": content_type,
             "Accept": accept,
             # One key per logical push, reused by every retry: the server applies it only once.
-            "Idempotency-Key": uuid.uuid4().hex,
+            IDEMPOTENCY_KEY_HEADER: uuid.uuid4().hex,
         }
         return Call(
             "POST",
@@ -450,7 +461,7 @@ class SessionCore:
 
     def _parse_step(self, reply: Reply) -> dict[str, Array]:
         tensors, scalars = self._decode(reply)
-        applied = scalars.get("applied")
+        applied = scalars.get(APPLIED_KEY)
         self.last_applied = applied in (True, "true") if applied is not None else None
         return tensors
 
@@ -477,7 +488,7 @@ class SessionCore:
                 for name, value in raw.items()
             }
             scalars = document
-        self._observe_version(reply, scalars.get("version"))
+        self._observe_version(reply, scalars.get(VERSION_KEY))
         return tensors, scalars
 
     def _observe_version(self, reply: Reply, fallback: Any) -> None:
@@ -532,12 +543,15 @@ def _json_tensors(arrays: Mapping[str, Array]) -> dict[str, Any]:
     return {name: encode_json_tensor(array) for name, array in arrays.items()}
 
 
+_ROUND_FAILED = problem_type(ProblemSlug.ROUND_FAILED)
+
+
 def retry_push(error: Exception) -> Literal["recompute", "repeat"] | None:
     """What :meth:`Session.train_step` does after ``error``: pull and recompute the gradients
     (they are stale), push the same ones again (a sync round failed, nothing was applied), or
     nothing (re-raise)."""
     if isinstance(error, StaleGradientError):
         return "recompute"
-    if isinstance(error, ConflictError) and error.type.endswith(":round-failed"):
+    if isinstance(error, ConflictError) and error.type == _ROUND_FAILED:
         return "repeat"
     return None

@@ -4,7 +4,9 @@ Two kinds of calls (see :class:`Retry`):
 
 - ``SAFE`` calls may reach the server twice without harm: reads, and pushes, which carry an
   ``Idempotency-Key`` so that the server applies a repeated push only once. They are retried on
-  every connection-level failure (connect, read, write, protocol errors, timeouts) and on 503.
+  every connection-level failure (connect, read, write, protocol errors, timeouts) and on 503:
+  the server answers 503 only when it did nothing (problem types ``unavailable``: connections
+  or memory exhausted, and ``journal-unavailable``), and a proxy's 503 means the same.
 - ``CONNECT`` calls change state and are not idempotent (create, import, PATCH, PUT, DELETE).
   They are retried only when the request certainly never left: the connection could not be made
   or no pooled connection became free.

@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+from optserver_client.vocabulary import VERSION_HEADER, ProblemSlug, problem_type
+
 __all__ = [
     "APIError",
     "AuthenticationError",
@@ -122,7 +124,7 @@ class StaleGradientError(ConflictError):
     """409 in ssp mode: the push was computed on weights too many versions behind.
 
     ``current_version`` is the session's version when the push was refused (the problem's
-    ``current_version`` member, else the ``Optserver-Version`` header, else -1): pull the
+    ``current_version`` member, else the version header, else -1): pull the
     weights, recompute, push again.
     """
 
@@ -148,6 +150,8 @@ class ServerError(APIError):
     """5xx: the server failed (503 only once the retries are used up)."""
 
 
+_STALE_GRADIENT = problem_type(ProblemSlug.STALE_GRADIENT)
+
 _BY_STATUS: dict[int, type[APIError]] = {
     400: ValidationError,
     401: AuthenticationError,
@@ -172,7 +176,7 @@ def error_from_parts(
     cls = _BY_STATUS.get(status)
     if cls is None:
         cls = ServerError if status >= 500 else APIError
-    if status == 409 and str(problem.get("type", "")).endswith("stale-gradient"):
+    if status == 409 and problem.get("type") == _STALE_GRADIENT:
         cls = StaleGradientError
     return cls(status, problem, headers)
 
@@ -205,7 +209,7 @@ def _reason(status: int) -> str:
 
 
 def _current_version(problem: Mapping[str, Any], headers: httpx.Headers) -> int:
-    for value in (problem.get("current_version"), headers.get("optserver-version")):
+    for value in (problem.get("current_version"), headers.get(VERSION_HEADER)):
         try:
             return int(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Literal, TypeAlias
 
 __all__ = [
+    "APPLIED_KEY",
     "BASE_VERSION_KEY",
     "BINARY",
     "IDEMPOTENCY_KEY_HEADER",
@@ -46,6 +47,7 @@ VERSION_HEADER = "Optserver-Version"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 #: ``true`` on an answer replayed for an ``Idempotency-Key`` seen before.
 REPLAYED_HEADER = "Idempotent-Replayed"
+#: Seconds to wait before trying again, on a 503 or 507.
 RETRY_AFTER_HEADER = "Retry-After"
 
 # --- a safetensors step body ------------------------------------------------------------------
@@ -55,8 +57,10 @@ PARAMS_PREFIX = "params/"
 LR_KEY = "lr"
 BASE_VERSION_KEY = "base_version"
 WORKER_KEY = "worker"
-#: ``__metadata__`` key of a weights answer.
+#: ``__metadata__`` keys of a weights answer (a JSON answer has members of these names).
 VERSION_KEY = "version"
+#: Of a step's answer: whether the push was applied (``"true"``/``"false"``).
+APPLIED_KEY = "applied"
 
 # --- what a step answers with (``?return=``) ----------------------------------------------------
 ReturnMode: TypeAlias = Literal["stepped", "all", "none"]
@@ -67,33 +71,50 @@ PROBLEM_TYPE_BASE = "urn:optserver:problem:"
 
 
 class ProblemSlug(StrEnum):
-    """The last part of every problem type the server answers with."""
+    """The last part of every problem type the server answers with, and nothing else.
 
+    A member's name is its slug in upper case with ``_`` for ``-``.
+    """
+
+    # The default of each of the server's error classes.
+    INTERNAL_ERROR = "internal-error"
+    MALFORMED_BODY = "malformed-body"
     INVALID_REQUEST = "invalid-request"
-    MALFORMED_JSON = "malformed-json"
     INVALID_TENSOR = "invalid-tensor"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not-found"
+    NOT_ACCEPTABLE = "not-acceptable"
+    CONFLICT = "conflict"
+    STALE_GRADIENT = "stale-gradient"
+    PAYLOAD_TOO_LARGE = "payload-too-large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported-media-type"
+    LIMIT_EXCEEDED = "limit-exceeded"
+    INSUFFICIENT_STORAGE = "insufficient-storage"
+    UNAVAILABLE = "unavailable"
+    JOURNAL_UNAVAILABLE = "journal-unavailable"
+    NONFINITE_RESULT = "nonfinite-result"
+    IDEMPOTENCY_KEY_REUSED = "idempotency-key-reused"
+    HEADERS_TOO_LARGE = "headers-too-large"
+    REQUEST_TIMEOUT = "request-timeout"
+    # Finer kinds, raised with one of those classes.
+    MALFORMED_JSON = "malformed-json"  # BadRequest
+    UNKNOWN_SESSION = "unknown-session"  # NotFound
+    FUTURE_VERSION = "future-version"  # Conflict
+    DUPLICATE_PUSH = "duplicate-push"
+    ROUND_FAILED = "round-failed"
+    INVALID_HYPERPARAMETER = "invalid-hyperparameter"  # UnprocessableContent
+    WORKER_REQUIRED = "worker-required"
+    PARAMS_IN_SYNC_ROUND = "params-in-sync-round"
+    SHAPE_MISMATCH = "shape-mismatch"  # InvalidTensor
+    DTYPE_MISMATCH = "dtype-mismatch"
     UNSUPPORTED_SHAPE = "unsupported-shape"
     TENSOR_TOO_LARGE = "tensor-too-large"
-    TOO_MANY_TENSORS = "too-many-tensors"
     UNKNOWN_TENSOR = "unknown-tensor"
     NO_GRADIENTS = "no-gradients"
     NONFINITE = "nonfinite"
-    INVALID_HYPERPARAMETER = "invalid-hyperparameter"
-    WORKER_REQUIRED = "worker-required"
-    PARAMS_IN_SYNC_ROUND = "params-in-sync-round"
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"
-    UNKNOWN_SESSION = "unknown-session"
-    NOT_FOUND = "not-found"
-    STALE_GRADIENT = "stale-gradient"
-    FUTURE_VERSION = "future-version"
-    DUPLICATE_PUSH = "duplicate-push"
-    ROUND_FAILED = "round-failed"
-    IDEMPOTENCY_KEY_REUSED = "idempotency-key-reused"
+    TOO_MANY_TENSORS = "too-many-tensors"  # LimitExceeded
     TOO_MANY_SESSIONS = "too-many-sessions"
-    INSUFFICIENT_STORAGE = "insufficient-storage"
-    JOURNAL_UNAVAILABLE = "journal-unavailable"
-    INTERNAL_ERROR = "internal-error"
 
 
 def problem_type(slug: str) -> str:

@@ -22,6 +22,7 @@ from optserver.coordinator import Coordinator
 from optserver.durability import DataDir
 from optserver.metrics import Metrics, MetricsMiddleware
 from optserver.optim import configure_threads
+from optserver.service import Service
 from optserver.store import SessionStore, StoreLimits
 
 __all__ = ["create_app"]
@@ -44,14 +45,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     if settings.compute_threads is not None:
         configure_threads(settings.compute_threads)
     store = store or SessionStore(
-        StoreLimits(
-            max_sessions=settings.max_sessions,
-            max_tensors_per_session=settings.max_tensors_per_session,
-            max_tensor_elements=settings.max_tensor_elements,
-            idempotency_keys=settings.idempotency_keys,
-            idempotency_bytes=settings.idempotency_bytes,
-            max_total_bytes=settings.max_total_bytes,
-        ),
+        StoreLimits.from_settings(settings),
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
     )
     data_dir = None
@@ -89,6 +83,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         label_bytes=settings.metrics_label_bytes,
     )
     app.state.coordinator = coordinator
+    app.state.service = Service(store, coordinator, settings, metrics)
     app.state.data_dir = data_dir  # None without a data directory; /readyz asks its health
     install_problem_handlers(app)
     for module in (sessions, state, tensors, health):

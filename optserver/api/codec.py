@@ -8,12 +8,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from optserver_client.vocabulary import (
+    BASE_VERSION_KEY,
+    LR_KEY,
+    PARAMS_PREFIX,
+    WORKER_KEY,
+    ProblemSlug,
+)
 
-from optserver.api.http import Format
 from optserver.api.schemas import ParamsRequest, StepRequest, parse_json
 from optserver.config import Settings
 from optserver.errors import InvalidTensor, LimitExceeded, UnprocessableContent
-from optserver.store import Push, Session
+from optserver.push import Push
+from optserver.replies import Format
+from optserver.session import Session
 from optserver.wire import (
     Buffer,
     Limits,
@@ -27,8 +35,6 @@ __all__ = [
     "decode_tensors_json",
     "limits",
 ]
-
-PARAMS_PREFIX = "params/"
 
 
 def limits(settings: Settings) -> Limits:
@@ -45,7 +51,7 @@ def decode_tensors_json(
     if len(values) > limits.max_tensors:
         raise LimitExceeded(
             f"{len(values)} tensors in one request; the limit is {limits.max_tensors}",
-            slug="too-many-tensors",
+            slug=ProblemSlug.TOO_MANY_TENSORS,
         )
     return {n: decode_json_tensor(n, v, dtype_of(n), limits) for n, v in values.items()}
 
@@ -105,12 +111,12 @@ def decode_push(body: Buffer, fmt: Format, session: Session, settings: Settings)
         params = {
             n[len(PARAMS_PREFIX) :]: t for n, t in tensors.items() if n.startswith(PARAMS_PREFIX)
         }
-        worker = _worker(metadata.get("worker") or None, "__metadata__ 'worker'")
+        worker = _worker(metadata.get(WORKER_KEY) or None, f"__metadata__ {WORKER_KEY!r}")
         return Push(
             grads=grads,
             params={k: _as_param(k, v) for k, v in params.items()},
-            lr=_metadata_number(metadata, "lr", float),
-            base_version=_metadata_number(metadata, "base_version", int),
+            lr=_metadata_number(metadata, LR_KEY, float),
+            base_version=_metadata_number(metadata, BASE_VERSION_KEY, int),
             worker=worker,
         )
     request = parse_json(StepRequest, body)

@@ -13,7 +13,9 @@ from optserver.config import Settings
 from optserver.coordinator import Coordinator
 from optserver.errors import Unauthorized
 from optserver.metrics import Metrics
-from optserver.store import Session, SessionStore
+from optserver.service import Service
+from optserver.session import Session
+from optserver.store import SessionStore
 
 __all__ = [
     "AcceptsJSON",
@@ -21,6 +23,7 @@ __all__ = [
     "CoordinatorDep",
     "MetricsAuth",
     "MetricsDep",
+    "ServiceDep",
     "SessionDep",
     "SettingsDep",
     "StoreDep",
@@ -48,10 +51,15 @@ async def _coordinator(request: Request) -> Coordinator:
     return request.app.state.coordinator  # type: ignore[no-any-return]
 
 
+async def _service(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[SessionStore, Depends(_store)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 CoordinatorDep = Annotated[Coordinator, Depends(_coordinator)]
+ServiceDep = Annotated[Service, Depends(_service)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 

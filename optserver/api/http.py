@@ -7,6 +7,7 @@ import contextlib
 import mmap
 from collections.abc import Mapping
 
+from optserver_client.vocabulary import BINARY
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -98,7 +99,7 @@ def _too_large(
         detail = f"the JSON {what} exceeds the limit of {limit} bytes for JSON bodies"
         if hint:
             binary = settings.max_body_bytes
-            detail += f"; {hint} (Content-Type: application/octet-stream, up to {binary} bytes)"
+            detail += f"; {hint} (Content-Type: {BINARY}, up to {binary} bytes)"
         return PayloadTooLarge(detail, limit=limit)
     return PayloadTooLarge(f"the {what} exceeds the limit of {limit} bytes", limit=limit)
 

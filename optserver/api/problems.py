@@ -7,16 +7,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from optserver_client.vocabulary import PROBLEM
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from optserver.errors import ProblemError
+from optserver.errors import ProblemError, UnprocessableContent
 from optserver.wire import encode_json
 
-__all__ = ["PROBLEM", "install_problem_handlers", "problem_response"]
+__all__ = ["install_problem_handlers", "problem_response"]
 
-PROBLEM = "application/problem+json"
 log = logging.getLogger("optserver")
 
 
@@ -39,15 +39,8 @@ async def _validation(request: Request, exc: Exception) -> Response:
     ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"]) or "request"
-    return problem_response(
-        {
-            "type": "urn:optserver:problem:invalid-request",
-            "title": "Invalid request",
-            "status": 422,
-            "detail": f"{where}: {first['msg']}",
-            "errors": errors,
-        }
-    )
+    # FastAPI's validation errors are ours too: the same type, title and status.
+    return await _ours(request, UnprocessableContent(f"{where}: {first['msg']}", errors=errors))
 
 
 async def _http(request: Request, exc: Exception) -> Response:
@@ -70,10 +63,9 @@ async def _disconnect(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return problem_response(
-        {"type": "urn:optserver:problem:internal-error", "title": "Internal server error",
-         "status": 500, "detail": f"unexpected {type(exc).__name__}; see the server log"}
-    )  # fmt: skip
+    # The base class is the internal error (500).
+    unexpected = ProblemError(f"unexpected {type(exc).__name__}; see the server log")
+    return await _ours(request, unexpected)
 
 
 def _title(status: int) -> str:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
+from optserver_client.vocabulary import BINARY, JSON, PROBLEM, ProblemSlug
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from optserver.config import NonFinitePolicy
 from optserver.errors import BadRequest, UnprocessableContent
 from optserver.modes import Mode
-from optserver.replies import BINARY, JSON
 from optserver.wire import Buffer
 
 __all__ = [
@@ -32,16 +32,16 @@ __all__ = [
     "SessionCreated",
     "SessionInfo",
     "SessionList",
+    "Staleness",
     "StepRequest",
     "StepResponse",
     "TensorInfo",
+    "WorkerInfo",
     "parse_json",
     "problem_responses",
     "request_body",
     "responses",
 ]
-
-PROBLEM = "application/problem+json"
 
 Tensor = Annotated[
     Any,
@@ -130,21 +130,53 @@ class StepRequest(_Body):
     )
 
 
-class TensorInfo(BaseModel):
+class _Out(BaseModel):
+    """A response body: these models are what the OpenAPI schema announces, and a test holds
+    every route's JSON answers to them (no field more, none missing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorInfo(_Out):
     name: str
     shape: list[int]
     dtype: str
     step: int = Field(description="Optimizer steps this tensor has taken.")
 
 
-class Counters(BaseModel):
+class Staleness(_Out):
+    buckets: dict[str, int] = Field(
+        description="Accepted gradients by how many steps stale they were (upper bounds, "
+        "inclusive; '+Inf' for the rest)."
+    )
+    count: int
+    mean: float | None
+
+
+class Counters(_Out):
     steps_applied: int
     pushes_received: int
     pushes_rejected: int
     rejected_by_reason: dict[str, int]
+    staleness: Staleness
 
 
-class SessionInfo(BaseModel):
+class WorkerInfo(_Out):
+    pushes: int
+    applied: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    last_base_version: int | None = Field(
+        description="The base_version of the worker's last push: the newest weights it had."
+    )
+    last_version: int | None = Field(
+        description="The session's version right after the worker's last applied push."
+    )
+    last_seen: float
+    staleness: Staleness
+
+
+class SessionInfo(_Out):
     id: str
     name: str
     version: int = Field(description="Optimizer steps applied so far.")
@@ -154,12 +186,14 @@ class SessionInfo(BaseModel):
     lr: float = Field(description="The learning rate the next step will use.")
     nonfinite: NonFinitePolicy
     nonfinite_tensors: list[str] = Field(
-        default_factory=list,
         description="Tensors whose weights or optimizer state hold NaN or Inf (only the "
         "`allow` policy puts them there; `PUT params?reset_state=true` clears the state).",
     )
     params: list[TensorInfo]
     counters: Counters
+    workers: dict[str, WorkerInfo] = Field(
+        description="Per worker id (the most recently seen ones, bounded)."
+    )
     memory_bytes: int
     created_at: float
     updated_at: float
@@ -169,21 +203,21 @@ class SessionCreated(SessionInfo):
     token: str = Field(description="The session's bearer token; shown only once.")
 
 
-class SessionList(BaseModel):
+class SessionList(_Out):
     sessions: list[SessionInfo]
 
 
-class ParamsResponse(BaseModel):
+class ParamsResponse(_Out):
     version: int
     params: dict[str, TensorOut]
 
 
-class PutParamsResponse(BaseModel):
+class PutParamsResponse(_Out):
     version: int
     params: list[TensorInfo]
 
 
-class StepResponse(BaseModel):
+class StepResponse(_Out):
     version: int
     applied: bool = Field(description="False when the push was skipped (nonfinite policy).")
     params: dict[str, TensorOut] | None = Field(
@@ -210,7 +244,9 @@ def parse_json(model: type[M], body: Buffer) -> M:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}", slug="malformed-json") from None
+        raise BadRequest(
+            f"body is not valid JSON: {exc}", slug=ProblemSlug.MALFORMED_JSON
+        ) from None
     try:
         return model.model_validate(data, strict=True)  # as documented: no "5" or true for 5
     except ValidationError as exc:

@@ -40,12 +40,12 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 
 import uvicorn
+from optserver_client.vocabulary import PROBLEM
 from starlette.types import ASGIApp
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from optserver.api.problems import PROBLEM
 from optserver.config import Settings
 from optserver.errors import HeadersTooLarge, ProblemError, RequestTimeout, ServiceUnavailable
 from optserver.wire import encode_json
@@ -74,9 +74,18 @@ STARTUP_FAILURE = 3
 
 @dataclass(frozen=True)
 class ConnectionLimits:
+    """The protocol's bounds; the values come from :class:`Settings` (see :meth:`from_settings`),
+    which alone holds their defaults."""
+
     header_timeout_s: float
     max_connections: int
-    max_header_bytes: int = 1 << 20
+    max_header_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, max_connections: int) -> ConnectionLimits:
+        """``max_connections``: the cap in force (the setting's, or one derived from the
+        open-file limit)."""
+        return cls(settings.header_timeout_s, max_connections, settings.max_header_bytes)
 
 
 class _Throttle:
@@ -103,7 +112,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the deadlines and the cap described above; use
     :func:`protocol_class` to bind the limits."""
 
-    limits: ClassVar[ConnectionLimits] = ConnectionLimits(10.0, MAX_DERIVED_CONNECTIONS)
+    # No default: bound by protocol_class, from the settings.
+    limits: ClassVar[ConnectionLimits]
 
     def __init__(
         self,
@@ -326,9 +336,7 @@ def run(
         log_level=settings.log_level,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
-        http=protocol_class(
-            ConnectionLimits(settings.header_timeout_s, cap, settings.max_header_bytes)
-        ),
+        http=protocol_class(ConnectionLimits.from_settings(settings, cap)),
     )
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):

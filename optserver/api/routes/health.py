@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from optserver_client.vocabulary import JSON, RETRY_AFTER_HEADER
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from optserver.api.deps import MetricsAuth, MetricsDep, StoreDep
@@ -27,7 +28,7 @@ NOT_READY: dict[int | str, dict[str, Any]] = {
         "description": "Not ready: the data directory's journal cannot record changes now "
         "(`reason` says why, and whether it recovers by itself or needs a restart).",
         "content": {
-            "application/json": {
+            JSON: {
                 "schema": {
                     "type": "object",
                     "properties": {
@@ -56,7 +57,7 @@ async def readyz(request: Request, response: Response, store: StoreDep) -> dict[
     ok, reason = data_dir.health()  # lock-free: never waits for a slow disk
     if not ok:
         response.status_code = 503
-        response.headers["Retry-After"] = "1"
+        response.headers[RETRY_AFTER_HEADER] = "1"
         return {"status": "unavailable", "reason": reason, "sessions": len(store)}
     return {"status": "ok", "sessions": len(store), "journal": "ok"}
 

@@ -4,33 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
+from optserver_client.vocabulary import JSON, VERSION_HEADER
 
-from optserver.api.codec import decode_tensors_json, limits
-from optserver.api.deps import (
-    AcceptsJSON,
-    AdminDep,
-    CoordinatorDep,
-    SessionDep,
-    SettingsDep,
-    StoreDep,
-)
+from optserver.api.deps import AcceptsJSON, AdminDep, ServiceDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format
 from optserver.api.schemas import (
     ADMIN_SECURITY,
-    JSON,
     CreateSessionRequest,
     PatchSessionRequest,
     SessionCreated,
     SessionInfo,
     SessionList,
-    parse_json,
     request_body,
     responses,
 )
-from optserver.store import KEEP, Session
 from optserver.wire import encode_json
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -39,8 +27,11 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 CREATE_HINT = "create the session without params, then PUT them to its /params as safetensors"
 
 
-def _json(payload: object, status: int = 200, version: int | None = None) -> RawResponse:
-    headers = {"Optserver-Version": str(version)} if version is not None else None
+def json_response(
+    payload: dict[str, Any], status: int = 200, version: int | None = None
+) -> RawResponse:
+    """A JSON answer (orjson); ``version`` goes into the version header."""
+    headers = {VERSION_HEADER: str(version)} if version is not None else None
     return RawResponse(encode_json(payload), media_type=JSON, status_code=status, headers=headers)
 
 
@@ -56,33 +47,11 @@ def _json(payload: object, status: int = 200, version: int | None = None) -> Raw
     openapi_extra={**request_body(CreateSessionRequest), **ADMIN_SECURITY},
     responses=responses(SessionCreated, status=201),
 )
-async def create_session(request: Request, store: StoreDep, settings: SettingsDep) -> Response:
+async def create_session(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     request_format(request, ("json",))
     body = await read_body(request, settings, "json", json_hint=CREATE_HINT)
-
-    def parse() -> tuple[CreateSessionRequest, np.dtype[Any], dict[str, np.ndarray]]:
-        spec = parse_json(CreateSessionRequest, body)
-        dtype = np.dtype(spec.dtype)
-        params = decode_tensors_json(spec.params or {}, lambda _: dtype, limits(settings))
-        return spec, dtype, params
-
-    spec, dtype, params = await run_in_threadpool(parse)  # parsing holds the GIL: off the loop
-
-    def create() -> tuple[Session, str]:  # copies the weights and journals them: off the loop
-        created = store.create(
-            optimizer=spec.optimizer,
-            name=spec.name,
-            mode=spec.mode,
-            schedule=spec.schedule,
-            nonfinite=spec.nonfinite or settings.nonfinite,
-            params=params,
-            dtype=dtype,
-        )
-        store.sync()
-        return created
-
-    session, token = await run_in_threadpool(create)
-    return _json({**session.info(), "token": token}, 201, session.version)
+    created = await service.create(body)
+    return json_response({**created.info, "token": created.token}, 201, created.info["version"])
 
 
 @router.get(
@@ -93,8 +62,8 @@ async def create_session(request: Request, store: StoreDep, settings: SettingsDe
     openapi_extra=ADMIN_SECURITY,
     responses=responses(SessionList),
 )
-async def list_sessions(store: StoreDep) -> Response:
-    return _json({"sessions": [s.info() for s in store.sessions()]})
+async def list_sessions(service: ServiceDep) -> Response:
+    return json_response({"sessions": service.sessions()})
 
 
 @router.get(
@@ -106,7 +75,7 @@ async def list_sessions(store: StoreDep) -> Response:
 )
 async def get_session(session: SessionDep) -> Response:
     info = session.info()
-    return _json(info, version=info["version"])
+    return json_response(info, version=info["version"])
 
 
 @router.patch(
@@ -119,21 +88,13 @@ async def get_session(session: SessionDep) -> Response:
     openapi_extra=request_body(PatchSessionRequest),
     responses=responses(SessionInfo),
 )
-async def patch_session(request: Request, session: SessionDep, settings: SettingsDep) -> Response:
+async def patch_session(
+    request: Request, session: SessionDep, service: ServiceDep, settings: SettingsDep
+) -> Response:
     request_format(request, ("json",))
     body = await read_body(request, settings, "json", json_hint="")  # options only: no tensors
-    spec = await run_in_threadpool(parse_json, PatchSessionRequest, body)
-    fields = spec.model_fields_set
-    ticket = session.configure(
-        optimizer=spec.optimizer,
-        schedule=spec.schedule if "schedule" in fields else KEEP,
-        mode=spec.mode,
-        nonfinite=spec.nonfinite,
-    )
-    if ticket is not None and session.recorder is not None:
-        await run_in_threadpool(session.recorder.wait, ticket)
-    info = session.info()
-    return _json(info, version=info["version"])
+    info = await service.configure(session, body)
+    return json_response(info, version=info["version"])
 
 
 @router.delete(
@@ -143,10 +104,6 @@ async def patch_session(request: Request, session: SessionDep, settings: Setting
     summary="Delete a session",
     responses=responses(None, status=204),
 )
-async def delete_session(
-    session: SessionDep, store: StoreDep, coordinator: CoordinatorDep
-) -> Response:
-    store.delete(session.id)
-    coordinator.forget(session.id)
-    await run_in_threadpool(store.sync)
+async def delete_session(session: SessionDep, service: ServiceDep) -> Response:
+    await service.delete(session)
     return Response(status_code=204)

@@ -5,21 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
+from optserver_client.vocabulary import BINARY, VERSION_HEADER
 
-from optserver.api.codec import limits
-from optserver.api.deps import AcceptsJSON, AdminDep, SessionDep, SettingsDep, StoreDep
+from optserver.api.deps import AcceptsJSON, AdminDep, ServiceDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
-from optserver.api.schemas import (
-    ADMIN_SECURITY,
-    BINARY,
-    JSON,
-    SessionCreated,
-    request_body,
-    responses,
-)
-from optserver.snapshot import export_session, import_session
-from optserver.wire import Buffer, decode_safetensors, encode_json, encode_safetensors
+from optserver.api.routes.sessions import json_response
+from optserver.api.schemas import ADMIN_SECURITY, SessionCreated, request_body, responses
 
 router = APIRouter(prefix="/v1/sessions", tags=["state"])
 
@@ -36,16 +27,10 @@ EXPORT = (
     response_class=Response,  # safetensors only: no JSON body to announce
     responses=responses(None, EXPORT),
 )
-async def export_state(request: Request, session: SessionDep) -> Response:
+async def export_state(request: Request, session: SessionDep, service: ServiceDep) -> Response:
     response_format(request, ("binary",))
-
-    def encode() -> tuple[Buffer, int]:
-        with session.locked():
-            tensors, metadata = export_session(session)
-            return encode_safetensors(tensors, metadata), session.version
-
-    body, version = await run_in_threadpool(encode)
-    return RawResponse(body, media_type=BINARY, headers={"Optserver-Version": str(version)})
+    body, version = await service.export(session)
+    return RawResponse(body, media_type=BINARY, headers={VERSION_HEADER: str(version)})
 
 
 @router.post(
@@ -61,21 +46,11 @@ async def export_state(request: Request, session: SessionDep) -> Response:
 )
 async def import_state(
     request: Request,
-    store: StoreDep,
+    service: ServiceDep,
     settings: SettingsDep,
     name: Annotated[str | None, Query(max_length=256, description="Rename the session.")] = None,
 ) -> Response:
     request_format(request, ("binary",))
     body = await read_body(request, settings, "binary")
-
-    def load() -> tuple[dict[str, object], str]:
-        tensors, metadata = decode_safetensors(body, limits(settings))
-        session, token = import_session(store, tensors, metadata, name=name)
-        store.sync()
-        return session.info(), token
-
-    info, token = await run_in_threadpool(load)
-    return RawResponse(
-        encode_json({**info, "token": token}), media_type=JSON, status_code=201,
-        headers={"Optserver-Version": str(info["version"])},
-    )  # fmt: skip
+    created = await service.import_(body, name)
+    return json_response({**created.info, "token": created.token}, 201, created.info["version"])

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
+from optserver_client.vocabulary import REPLAYED_HEADER, VERSION_HEADER
 
-from optserver.api.codec import decode_params, decode_push
-from optserver.api.deps import AcceptsJSON, CoordinatorDep, MetricsDep, SessionDep, SettingsDep
+from optserver.api.deps import AcceptsJSON, ServiceDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
-from optserver.api.idempotency import fingerprint
+from optserver.api.routes.sessions import json_response
 from optserver.api.schemas import (
-    JSON,
     ParamsRequest,
     ParamsResponse,
     PutParamsResponse,
@@ -22,16 +19,10 @@ from optserver.api.schemas import (
     request_body,
     responses,
 )
-from optserver.errors import ProblemError
-from optserver.replies import MEDIA, Answer, Reply, Returns, weights_reply
-from optserver.store import Push
-from optserver.wire import encode_json
+from optserver.replies import Format, Reply, Returns
+from optserver.wire import Buffer
 
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["tensors"])
-
-#: Binary bodies above this are decoded in a worker thread; JSON ones always are (parsing holds
-#: the GIL for the whole document: on the event loop, it would stall every connection).
-INLINE_DECODE_BYTES = 256 << 10
 
 SAFETENSORS_PARAMS = "A safetensors document: tensors under their names."
 SAFETENSORS_STEP = (
@@ -42,9 +33,9 @@ SAFETENSORS_WEIGHTS = "A safetensors document of the weights; __metadata__ carri
 
 
 def _reply(reply: Reply) -> RawResponse:
-    headers = {"Optserver-Version": str(reply.version)}
+    headers = {VERSION_HEADER: str(reply.version)}
     if reply.replayed:
-        headers["Idempotent-Replayed"] = "true"
+        headers[REPLAYED_HEADER] = "true"
     return RawResponse(reply.body, media_type=reply.media_type, headers=headers)
 
 
@@ -62,6 +53,7 @@ def _reply(reply: Reply) -> RawResponse:
 async def put_params(
     request: Request,
     session: SessionDep,
+    service: ServiceDep,
     settings: SettingsDep,
     reset_state: Annotated[
         bool,
@@ -73,16 +65,9 @@ async def put_params(
 ) -> Response:
     fmt = request_format(request)
     body = await read_body(request, settings, fmt)
-    tensors = await run_in_threadpool(decode_params, body, fmt, session, settings)
-    ticket = await run_in_threadpool(lambda: session.put_params(tensors, reset_state=reset_state))
-    if ticket is not None and session.recorder is not None:
-        await run_in_threadpool(session.recorder.wait, ticket)
-    with session.locked():
-        payload = {"version": session.version, "params": session.tensor_info()}
-    return RawResponse(
-        encode_json(payload),
-        media_type=JSON,
-        headers={"Optserver-Version": str(payload["version"])},
+    weights = await service.put_params(session, body, fmt, reset_state=reset_state)
+    return json_response(
+        {"version": weights.version, "params": weights.params}, version=weights.version
     )
 
 
@@ -95,18 +80,14 @@ async def put_params(
 async def get_params(
     request: Request,
     session: SessionDep,
+    service: ServiceDep,
     names: Annotated[
         str | None, Query(description="Comma-separated tensor names (default: all).")
     ] = None,
 ) -> Response:
     fmt = response_format(request)
     wanted = [n for n in names.split(",") if n] if names is not None else None
-
-    def encode() -> Reply:
-        with session.locked():
-            return weights_reply(fmt, session.version, session.select(wanted))
-
-    return _reply(await run_in_threadpool(encode))
+    return _reply(await service.pull(session, wanted, fmt))
 
 
 @router.post(
@@ -130,39 +111,17 @@ async def step(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    metrics: MetricsDep,
-    coordinator: CoordinatorDep,
+    service: ServiceDep,
     return_: Annotated[Returns, Query(alias="return", description="What comes back.")] = "stepped",
     idempotency_key: Annotated[
         str | None, Header(max_length=256, description="Makes retries safe.")
     ] = None,
 ) -> Response:
     fmt_out = response_format(request)
-    try:
+
+    async def read() -> tuple[Format, Buffer]:
         fmt_in = request_format(request)
-        body = await read_body(request, settings, fmt_in)
+        return fmt_in, await read_body(request, settings, fmt_in)
 
-        def decode() -> tuple[Push, str | None]:
-            push = decode_push(body, fmt_in, session, settings)
-            keyed = idempotency_key is not None
-            return push, fingerprint(body, MEDIA[fmt_in], return_) if keyed else None
-
-        if fmt_in == "json" or len(body) > INLINE_DECODE_BYTES:
-            push, digest = await run_in_threadpool(decode)  # JSON parsing holds the GIL
-        else:
-            push, digest = decode()
-    except ProblemError as exc:
-        session.reject(exc.slug)
-        raise
-    answer = Answer(fmt_out, return_)
-    start = time.perf_counter()
-    reply = await coordinator.push(
-        session, push, key=idempotency_key, answer=answer, fingerprint=digest
-    )
-    metrics.step_seconds.observe(time.perf_counter() - start)
-    if reply.ticket is not None and session.recorder is not None:
-        # Outside the session's turn: the next push is applied meanwhile (group commit).
-        await run_in_threadpool(session.recorder.wait, reply.ticket)
-    if reply.replayed:
-        metrics.replays.inc()
+    reply = await service.push(session, read, fmt_out=fmt_out, returns=return_, key=idempotency_key)
     return _reply(reply)

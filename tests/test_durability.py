@@ -57,7 +57,9 @@ def test_every_acknowledged_step_survives_kill_9(tmp_path: Path, fsync: str) -> 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(N_THREADS)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 120  # a server that acknowledges nothing fails, not hangs
         while len(acked) < size // 2:
+            assert time.monotonic() < deadline, f"only {len(acked)} pushes acknowledged"
             time.sleep(0.005)
         kill(server)
         for t in threads:

@@ -373,23 +373,42 @@ def test_hostile_json_create(hostile: LiveServer, body: bytes, words: tuple[str,
 
 
 def test_huge_integer_options_do_not_break_the_session_list(hostile: LiveServer) -> None:
-    """A schedule option beyond 64 bits is an odd but valid number: the session it creates
-    must still be listed, shown and exported."""
-    r = httpx.post(
-        hostile.url + "/v1/sessions",
-        content=b'{"optimizer": "sgd", "schedule": {"name": "step", "step_size": '
-        + str(2**70).encode()
-        + b', "gamma": 0.5}, "params": {"b": [1.0]}}',
-        headers={"Content-Type": JSON},
-    )
-    assert r.status_code in (201, 422), r.text
-    assert httpx.get(hostile.url + "/v1/sessions").status_code == 200
-    if r.status_code == 201:
-        s = r.json()
-        assert httpx.get(
-            f"{hostile.url}/v1/sessions/{s['id']}", headers=auth(s["token"])
-        ).is_success
-        assert state(hostile, s)[1]["schedule"]["step_size"] == pytest.approx(2**70)
+    """A schedule option beyond 64 bits is refused as a hyperparameter (422, nothing created,
+    the session list still answers); the largest one accepted, 2**63 - 1, creates a session
+    that is listed, shown and exported with that exact value."""
+
+    def create(step_size: int) -> httpx.Response:
+        return httpx.post(
+            hostile.url + "/v1/sessions",
+            content=b'{"optimizer": "sgd", "schedule": {"name": "step", "step_size": '
+            + str(step_size).encode()
+            + b', "gamma": 0.5}, "params": {"b": [1.0]}}',
+            headers={"Content-Type": JSON},
+        )
+
+    def listed() -> list[str]:
+        r = httpx.get(hostile.url + "/v1/sessions")
+        assert r.status_code == 200, r.text
+        return [s["id"] for s in r.json()["sessions"]]
+
+    before = listed()
+    r = create(2**70)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    problem = r.json()
+    assert problem["type"] == "urn:optserver:problem:invalid-hyperparameter"
+    assert problem["option"] == "step_size"
+    assert listed() == before
+
+    r = create(2**63 - 1)
+    assert r.status_code == 201, r.text
+    s = r.json()
+    assert s["schedule"]["step_size"] == 2**63 - 1
+    assert listed() == [*before, s["id"]]
+    shown = httpx.get(f"{hostile.url}/v1/sessions/{s['id']}", headers=auth(s["token"]))
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["schedule"]["step_size"] == 2**63 - 1
+    assert state(hostile, s)[1]["schedule"]["step_size"] == 2**63 - 1
 
 
 # --- safetensors ---------------------------------------------------------------------------

@@ -119,6 +119,12 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Snapshot at least this often while sessions change."
     )
     log_level: LogLevel = Field("info", description="How much the server logs.")
+    warm_up: bool = Field(
+        True,
+        description="At start, compile (or load from numba's disk cache) every optimizer "
+        "kernel in a background thread, so that a session's first step does not wait some "
+        "0.3 s per kernel for numba; startup and requests are not held up meanwhile.",
+    )
     # /metrics: bounded whatever clients do (a scrape at these defaults stays well under 1 MB).
     metrics_sessions: int = Field(
         16,

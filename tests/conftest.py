@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.live import LiveServer, live_server
+
+# Test servers (subprocesses, and in-process apps) skip the background kernel warm-up: dozens
+# of them start during a run, and a cold warm-up's compilation would compete with the
+# latency-sensitive tests. tests/test_warm_up.py turns it on where it is the subject.
+os.environ.setdefault("OPTSERVER_WARM_UP", "false")
 
 
 @pytest.fixture(scope="session")

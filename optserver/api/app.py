@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
 from optserver import __version__
+from optserver.api import idempotency
 from optserver.api.problems import install_problem_handlers
 from optserver.api.routes import health, sessions, state, tensors
 from optserver.api.schemas import REQUEST_MODELS
@@ -21,7 +22,7 @@ from optserver.config import Settings
 from optserver.coordinator import Coordinator
 from optserver.durability import DataDir
 from optserver.metrics import Metrics, MetricsMiddleware
-from optserver.optim import configure_threads
+from optserver.optim import configure_threads, warm_up_in_background
 from optserver.service import Service
 from optserver.store import SessionStore, StoreLimits
 
@@ -62,11 +63,16 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Off the event loop: a first step should not wait for numba, nor startup for this.
+        extra = {"idempotency": idempotency.warm_up}  # every keyed push's loop
+        warming = warm_up_in_background(extra=extra) if settings.warm_up else None
         task = asyncio.create_task(_maintenance(settings, store, coordinator, data_dir))
         try:
             yield
         finally:
             task.cancel()
+            if warming is not None:
+                await anyio.to_thread.run_sync(warming.stop, 10.0)
             if data_dir is not None:
                 await anyio.to_thread.run_sync(data_dir.close)
 

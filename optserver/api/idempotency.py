@@ -24,7 +24,7 @@ import numpy as np
 
 from optserver.wire import Buffer
 
-__all__ = ["fingerprint"]
+__all__ = ["fingerprint", "warm_up"]
 
 _HEAD = 64 << 10
 
@@ -49,3 +49,11 @@ def fingerprint(body: Buffer, media_type: str, returns: str) -> str:
     digest.update(view[whole:])
     digest.update(view[:_HEAD])
     return digest.hexdigest()[:32]
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) the sum for the bodies a push may have: numba types a
+    read-only buffer (``bytes``) apart from a writable one. A server's warm-up calls this, so
+    that its first keyed push does not wait for it."""
+    for body in (bytes(8), bytearray(8)):
+        fingerprint(body, "", "")

@@ -36,6 +36,7 @@ from optserver.optim.schedules import (
     create_schedule,
 )
 from optserver.optim.sgd import SGD, SGDHyperparams, SGDState
+from optserver.optim.warmup import WarmUpThread, warm_up, warm_up_in_background
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -72,8 +73,11 @@ __all__ = [
     "TensorError",
     "TensorSpec",
     "TensorState",
+    "WarmUpThread",
     "WarmupCosineSchedule",
     "configure_threads",
     "create",
     "create_schedule",
+    "warm_up",
+    "warm_up_in_background",
 ]

@@ -23,17 +23,11 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+
+from configs import CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CONFIGS: list[dict[str, Any]] = [
-    {"name": "sgd", "lr": 1e-3, "momentum": 0.9},
-    {"name": "adagrad", "lr": 1e-2},
-    {"name": "rmsprop", "lr": 1e-3, "momentum": 0.9},
-    {"name": "adam", "lr": 1e-3},
-    {"name": "adamw", "lr": 1e-3},
-]
 
 # Runs in the subprocess: times each config, prints JSON {label: ms}.
 PROBE = r"""

@@ -17,16 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from configs import CONFIGS
 
 from optserver.optim import configure_threads, create
 
-CONFIGS: list[dict[str, Any]] = [
-    {"name": "sgd", "lr": 1e-3, "momentum": 0.9},
-    {"name": "adagrad", "lr": 1e-2},
-    {"name": "rmsprop", "lr": 1e-3, "momentum": 0.9},
-    {"name": "adam", "lr": 1e-3},
-    {"name": "adamw", "lr": 1e-3},
-]
 TORCH_NAMES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
                "adamw": "AdamW"}  # fmt: skip
 

@@ -103,7 +103,7 @@ def admit(session: Session, push: Push) -> Admitted:
 def _step_lr(session: Session, push: Push) -> float | None:
     """This step's learning rate: the push's, else the schedule's (None: the optimizer's own),
     as the mode scales it (ssp's staleness scaling)."""
-    lr = push.lr if push.lr is not None else None
+    lr = push.lr
     if lr is None and session.schedule is not None:
         lr = session.scheduled_lr()
     if not session.mode.scales_lr(push):
@@ -132,10 +132,14 @@ def prepare(
 _MISMATCH = {"shape": ProblemSlug.SHAPE_MISMATCH, "dtype": ProblemSlug.DTYPE_MISMATCH}
 
 
-def _tensor_problem(exc: TensorError) -> InvalidTensor:
+def _tensor_problem(exc: TensorError, tensor: str | None = None) -> InvalidTensor:
     slug = _MISMATCH.get(exc.mismatch or "", ProblemSlug.INVALID_TENSOR)
     return InvalidTensor(
-        str(exc), slug=slug, tensor=exc.tensor, expected=exc.expected, received=exc.received
+        str(exc),
+        slug=slug,
+        tensor=exc.tensor or tensor,
+        expected=exc.expected,
+        received=exc.received,
     )
 
 
@@ -241,8 +245,7 @@ def check_same(name: str, what: str, value: np.ndarray, param: np.ndarray) -> No
     try:
         check_fits(name, what, value, param.shape, param_dtype(param.dtype))
     except TensorError as exc:
-        exc.tensor = exc.tensor or name
-        raise _tensor_problem(exc) from None
+        raise _tensor_problem(exc, name) from None
 
 
 def known_names(params: Mapping[str, np.ndarray]) -> str:

@@ -5,6 +5,7 @@ logs (stdout not a terminal)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -129,6 +130,4 @@ def test_output_without_a_terminal_reads_as_plain_lines(server: LiveServer) -> N
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TERM")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from typer.exceptions import Abort, TyperException
@@ -45,11 +45,19 @@ def _debugging() -> bool:
 
 
 def _usage_message(error: TyperException, args: list[str]) -> str:
-    """Typer's message for a bad option, with the value given (it names only the rule)."""
-    message = error.format_message().replace("Value error, ", "")
+    """Typer's message for a bad option, with the value given put before the rule it broke
+    (the message of a range or type check names only the rule)."""
+    message = error.format_message()
+    reason = str(getattr(error, "message", ""))
     param = getattr(error, "param", None)
-    if param is None:
-        return message
+    value = _given(param, args) if param is not None else None
+    if value is not None and repr(value) not in reason and message.endswith(reason):
+        message = f"{message[: len(message) - len(reason)]}{value!r}: {reason}"
+    return message.replace("Value error, ", "")  # pydantic's prefix on a choice's message
+
+
+def _given(param: Any, args: list[str]) -> str | None:
+    """The value ``param`` was given on the command line, else in its environment variable."""
     value = None
     for i, arg in enumerate(args):
         for opt in param.opts:
@@ -59,10 +67,7 @@ def _usage_message(error: TyperException, args: list[str]) -> str:
                 value = arg[len(opt) + 1 :]
     if value is None and param.envvar:
         value = os.environ.get(param.envvar)
-    if value is None or repr(value) in message or f" {value} " in f" {message} ":
-        return message
-    hint, _, reason = message.partition("): " if "(env var: " in message else ": ")
-    return f"{hint}{')' if '(env var: ' in message else ''}: {value!r}: {reason}"
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from optserver_client import safetensors_io
+from optserver_client.vocabulary import APPLIED_KEY, VERSION_KEY
 
 from optserver.wire import Buffer
 
@@ -21,7 +22,7 @@ __all__ = ["Frozen"]
 
 #: The metadata of the largest header a document of these tensors is written with: a version
 #: of up to 20 digits and "applied" (the answer to a push); a pull's header is smaller.
-_WIDEST = {"version": "9" * 20, "applied": "false"}
+_WIDEST = {VERSION_KEY: "9" * 20, APPLIED_KEY: "false"}
 
 
 class Frozen:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from optserver_client.vocabulary import BINARY, JSON, VERSION_KEY, ReturnMode
+from optserver_client.vocabulary import APPLIED_KEY, BINARY, JSON, VERSION_KEY, ReturnMode
 
 from optserver.frozen import Frozen
 from optserver.wire import Buffer, encode_json, json_tensors
@@ -23,8 +23,7 @@ if TYPE_CHECKING:
     from optserver.push import Outcome
 
 __all__ = [
-    "BINARY",
-    "JSON",
+    "MEDIA",
     "Answer",
     "Format",
     "Reply",
@@ -51,9 +50,6 @@ class Reply:
     version: int
     replayed: bool = False
     ticket: int | None = None
-
-    def with_ticket(self, ticket: int | None) -> Reply:
-        return replace(self, ticket=ticket)
 
 
 @dataclass(frozen=True)
@@ -85,7 +81,7 @@ class Answer:
 
 def answer_metadata(version: int, applied: bool) -> dict[str, str]:
     """``__metadata__`` of a safetensors answer to a push (also how replays are kept)."""
-    return {VERSION_KEY: str(version), "applied": "true" if applied else "false"}
+    return {VERSION_KEY: str(version), APPLIED_KEY: "true" if applied else "false"}
 
 
 def encode_outcome(outcome: Outcome) -> Reply:

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from optserver_client.vocabulary import ProblemSlug
+from optserver_client.vocabulary import BINARY, ProblemSlug
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from optserver.admission import hyper
@@ -35,7 +35,7 @@ from optserver.optim import OptimError
 from optserver.optim import create as create_optimizer
 from optserver.optim.schedules import create_schedule
 from optserver.replay import Remembered
-from optserver.replies import BINARY, Returns
+from optserver.replies import Returns
 from optserver.session import Session, SessionLimits
 from optserver.store import SessionStore
 

@@ -3,14 +3,17 @@ replay is encoded, which key it drops first."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import orjson
 import pytest
 import safetensors.numpy as stn
+from optserver_client.vocabulary import BINARY, JSON
 
 from optserver.errors import IdempotencyKeyReused
 from optserver.replay import ReplayCache
-from optserver.replies import BINARY, JSON, Answer, Reply
+from optserver.replies import Answer, Reply
 
 W = {"w": np.array([0.5, 1.5], dtype=np.float32)}
 
@@ -140,7 +143,7 @@ def test_restore_brings_entries_back_within_the_bounds() -> None:
 def test_the_journal_ticket_rides_with_the_replay() -> None:
     cache = ReplayCache(8, 1 << 20)
     answer = Answer("json")
-    reply = answer(1, True, W).with_ticket(42)
+    reply = dataclasses.replace(answer(1, True, W), ticket=42)
     cache.remember("k", reply, answer, W, True, "fp")
     again = cache.replay("k", answer, "fp", W)
     assert again is not None and again.ticket == 42

@@ -127,3 +127,17 @@ def test_no_arguments_prints_the_commands() -> None:
     assert result.returncode == 0
     for command in ("serve", "demo", "worker", "create-session", "evaluate"):
         assert command in result.stdout
+
+
+def test_the_cli_offers_exactly_the_servers_optimizers_and_modes() -> None:
+    """The choices are spelled in the CLI for typing; they must be the server's own."""
+    from typing import get_args
+
+    from optserver.cli.options import ModeName, OptimizerName
+    from optserver.demo.run import DEFAULT_LR
+    from optserver.modes import AsyncMode, SSPMode, SyncMode
+    from optserver.optim import OPTIMIZERS
+
+    assert set(get_args(OptimizerName)) == set(OPTIMIZERS) == set(DEFAULT_LR)
+    modes = {get_args(m.model_fields["name"].annotation)[0] for m in (AsyncMode, SSPMode, SyncMode)}
+    assert set(get_args(ModeName)) == modes

@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         "kernel in a background thread, so that a session's first step does not wait some "
         "0.3 s per kernel for numba; startup and requests are not held up meanwhile.",
     )
+    hot_path: bool = Field(
+        True,
+        description="Answer steps and pulls through a lean handler in front of FastAPI (the "
+        "same checks, errors and metrics, without per-request dependency resolution); false "
+        "serves them through the FastAPI routes, the same answers but slower.",
+    )
     # /metrics: bounded whatever clients do (a scrape at these defaults stays well under 1 MB).
     metrics_sessions: int = Field(
         16,

@@ -1,6 +1,7 @@
 """Orders pushes and runs synchronous rounds: the asyncio side of applying gradients.
 
-The store applies a push atomically under a session's lock, in a worker thread. This module
+The store applies a push atomically under a session's lock, in a worker thread (a small push,
+on the event loop, when the lock is free: see INLINE_STEP_ELEMENTS). This module
 decides when: in arrival order, one at a time per session (a FIFO lock per session), and in
 sync mode once a round has one gradient from each worker or its deadline has passed.
 
@@ -31,7 +32,12 @@ from optserver.push import Outcome, Push, RoundMember
 from optserver.replies import Answer
 from optserver.session import Session
 
-__all__ = ["Coordinator"]
+__all__ = ["INLINE_STEP_ELEMENTS", "Coordinator"]
+
+#: A push of at most this many numbers is stepped on the event loop itself when the session's
+#: lock is free (tens of microseconds of math, a journal write of a few hundred KiB at most):
+#: the hop to a worker thread and back would cost more than the step.
+INLINE_STEP_ELEMENTS = 1 << 15
 
 
 @dataclass
@@ -84,6 +90,10 @@ class Coordinator:
         if isinstance(session.mode, SyncMode):
             return await self._join_round(session, session.mode, push, key, answer, fingerprint)
         async with self.turn(session.id):
+            if push.elements <= INLINE_STEP_ELEMENTS:
+                outcome = session.try_step(push, key=key, answer=answer, fingerprint=fingerprint)
+                if outcome is not None:
+                    return outcome
             return await anyio.to_thread.run_sync(
                 lambda: session.step(push, key=key, answer=answer, fingerprint=fingerprint)
             )

@@ -32,6 +32,11 @@ class Push:
     base_version: int | None = None
     worker: str | None = None
 
+    @property
+    def elements(self) -> int:
+        """How many numbers it carries (gradients and weights): what stepping it costs."""
+        return sum(a.size for a in self.grads.values()) + sum(a.size for a in self.params.values())
+
 
 @dataclass
 class RoundMember:

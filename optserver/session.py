@@ -396,6 +396,19 @@ class Session:
                 )
             return self._outcome(push, key, answer, fingerprint, apply, ticket)
 
+    def try_step(
+        self, push: Push, *, key: str | None, answer: Answer, fingerprint: str | None = None
+    ) -> Outcome | None:
+        """:meth:`step`, if the session's lock is free at once; None otherwise (the caller then
+        steps in a worker thread). For an event loop stepping a small push itself: it must
+        never wait for the lock, which a pull or a snapshot in a thread may hold a while."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.step(push, key=key, answer=answer, fingerprint=fingerprint)
+        finally:
+            self._lock.release()
+
     def _outcome(
         self,
         push: Push,

@@ -7,6 +7,7 @@ exactly, so every expected weight is the update rule's result, w - lr * g.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ import orjson
 import pytest
 
 from optserver.config import Settings
-from optserver.coordinator import Coordinator
+from optserver.coordinator import INLINE_STEP_ELEMENTS, Coordinator
 from optserver.errors import Conflict, IdempotencyKeyReused, ProblemError
 from optserver.modes import SyncMode
 from optserver.push import Outcome
@@ -263,3 +264,71 @@ def test_forget_fails_the_open_round() -> None:
     failed = run(main())
     assert slug(failed) == "round-failed"
     assert s.version == 0
+
+
+def _stepping_threads(s: Session) -> list[str]:
+    """Record the name of the thread that runs each of the session's steps."""
+    threads: list[str] = []
+    original = s.step
+
+    def recording(*args: Any, **kwargs: Any) -> Outcome:
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    s.step = recording  # type: ignore[method-assign]
+    return threads
+
+
+def test_a_small_push_is_stepped_on_the_event_loop_a_large_one_in_a_thread() -> None:
+    small = session()
+    large = session(w=(0.0,) * (INLINE_STEP_ELEMENTS + 1))
+    small_threads, large_threads = _stepping_threads(small), _stepping_threads(large)
+    coordinator = Coordinator()
+
+    async def main() -> tuple[Outcome, Outcome]:
+        grads = np.ones(INLINE_STEP_ELEMENTS + 1, np.float32)
+        return (
+            await coordinator.push(small, push(1.0, 1.0), key=None, answer=JSON_ANSWER),
+            await coordinator.push(large, Push(grads={"w": grads}), key=None, answer=JSON_ANSWER),
+        )
+
+    first, second = run(main())
+    main_thread = threading.current_thread().name
+    assert small_threads == [main_thread]
+    assert large_threads and large_threads[0] != main_thread
+    assert body(first)["params"]["w"] == [0.5, 0.5]
+    assert first.version == second.version == 1
+
+
+def test_a_small_push_waits_in_a_thread_while_another_thread_holds_the_session() -> None:
+    s = session()
+    threads = _stepping_threads(s)
+    coordinator = Coordinator()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with s.locked():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+
+    async def main() -> tuple[Outcome, int]:
+        task = asyncio.create_task(
+            coordinator.push(s, push(1.0, 1.0), key=None, answer=JSON_ANSWER)
+        )
+        ticks = 0
+        while not task.done():  # the loop runs on while the push waits for the lock
+            await asyncio.sleep(0.005)
+            ticks += 1
+            if ticks == 10:
+                release.set()
+        return await task, ticks
+
+    outcome, ticks = run(main())
+    holder.join(10)
+    assert ticks >= 10
+    assert outcome.version == 1
+    assert len(threads) == 1 and threads[0] != threading.current_thread().name

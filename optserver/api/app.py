@@ -15,6 +15,7 @@ from fastapi_offline import FastAPIOffline
 
 from optserver import __version__
 from optserver.api import idempotency
+from optserver.api.hot import Handlers, HotPath, hot_routes
 from optserver.api.problems import install_problem_handlers
 from optserver.api.routes import health, sessions, state, tensors
 from optserver.api.schemas import REQUEST_MODELS
@@ -95,6 +96,9 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     for module in (sessions, state, tensors, health):
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.hot_path:  # outermost of ours: the hot routes skip the metrics middleware too
+        routes = hot_routes(tensors.router.routes, Handlers(store, app.state.service))
+        app.add_middleware(HotPath, routes=routes, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -7,7 +7,7 @@ import contextlib
 import mmap
 from collections.abc import Mapping
 
-from optserver_client.vocabulary import BINARY
+from optserver_client.vocabulary import BINARY, REPLAYED_HEADER, VERSION_HEADER
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,7 +20,7 @@ from optserver.errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
 )
-from optserver.replies import MEDIA, Format
+from optserver.replies import MEDIA, Format, Reply
 from optserver.wire import Buffer, allocate
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "RawResponse",
     "body_limit",
     "read_body",
+    "reply_response",
     "request_format",
     "response_format",
 ]
@@ -312,3 +313,11 @@ class RawResponse(Response):
         super().__init__(b"", status_code=status_code, headers=headers, media_type=media_type)
         self.body = body  # type: ignore[assignment]
         self.headers["content-length"] = str(len(body))
+
+
+def reply_response(reply: Reply) -> RawResponse:
+    """An encoded push or pull answer, with its version (and replay) headers."""
+    headers = {VERSION_HEADER: str(reply.version)}
+    if reply.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return RawResponse(reply.body, media_type=reply.media_type, headers=headers)

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from optserver.errors import ProblemError, UnprocessableContent
 from optserver.wire import encode_json
 
-__all__ = ["install_problem_handlers", "problem_response"]
+__all__ = ["exception_response", "install_problem_handlers", "problem_response"]
 
 log = logging.getLogger("optserver")
 
@@ -62,10 +62,18 @@ async def _disconnect(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return exception_response(request, exc)
+
+
+def exception_response(request: Request, exc: Exception) -> Response:
+    """The answer to ``exc`` raised while serving ``request``: its problem for ours, else a
+    logged internal error (500) that names only the exception's type."""
+    if isinstance(exc, ProblemError):
+        return problem_response(exc.to_problem(), exc.headers)
+    log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     # The base class is the internal error (500).
     unexpected = ProblemError(f"unexpected {type(exc).__name__}; see the server log")
-    return await _ours(request, unexpected)
+    return problem_response(unexpected.to_problem(), unexpected.headers)
 
 
 def _title(status: int) -> str:

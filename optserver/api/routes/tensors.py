@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from optserver_client.vocabulary import REPLAYED_HEADER, VERSION_HEADER
 
 from optserver.api.deps import AcceptsJSON, ServiceDep, SessionDep, SettingsDep
-from optserver.api.http import RawResponse, read_body, request_format, response_format
+from optserver.api.http import read_body, reply_response, request_format, response_format
 from optserver.api.routes.sessions import json_response
 from optserver.api.schemas import (
     ParamsRequest,
@@ -19,7 +18,7 @@ from optserver.api.schemas import (
     request_body,
     responses,
 )
-from optserver.replies import Format, Reply, Returns
+from optserver.replies import Format, Returns
 from optserver.wire import Buffer
 
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["tensors"])
@@ -30,13 +29,6 @@ SAFETENSORS_STEP = (
     "under 'params/NAME', and 'lr', 'base_version', 'worker' as strings in __metadata__."
 )
 SAFETENSORS_WEIGHTS = "A safetensors document of the weights; __metadata__ carries 'version'."
-
-
-def _reply(reply: Reply) -> RawResponse:
-    headers = {VERSION_HEADER: str(reply.version)}
-    if reply.replayed:
-        headers[REPLAYED_HEADER] = "true"
-    return RawResponse(reply.body, media_type=reply.media_type, headers=headers)
 
 
 @router.put(
@@ -87,7 +79,7 @@ async def get_params(
 ) -> Response:
     fmt = response_format(request)
     wanted = [n for n in names.split(",") if n] if names is not None else None
-    return _reply(await service.pull(session, wanted, fmt))
+    return reply_response(await service.pull(session, wanted, fmt))
 
 
 @router.post(
@@ -124,4 +116,4 @@ async def step(
         return fmt_in, await read_body(request, settings, fmt_in)
 
     reply = await service.push(session, read, fmt_out=fmt_out, returns=return_, key=idempotency_key)
-    return _reply(reply)
+    return reply_response(reply)

@@ -31,6 +31,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from optserver.api.direct import direct_bytes
 from optserver.store import Session, SessionStore
 from optserver.workers import STALENESS_BUCKETS, StalenessHistogram, WorkerStats
 
@@ -383,6 +384,7 @@ class MetricsMiddleware:
             # the endpoint they matched in scope["endpoint"].
             route = getattr(scope.get("route"), "path", None) or self._template(scope)
             method = scope["method"] if scope["method"] in _METHODS else "other"
+            bytes_in.inc(direct_bytes(scope))  # read into its buffer, past receive()
             metrics.requests.labels(method, route, str(status[0])).inc()
             metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
 

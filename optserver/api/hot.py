@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from optserver.api.direct import direct_bytes
 from optserver.api.http import read_body, reply_response, request_format, response_format
 from optserver.api.problems import exception_response
 from optserver.metrics import Metrics
@@ -117,7 +118,7 @@ class HotPath:
             response = exception_response(request, exc)
         await response(scope, counting_receive, send)
         metrics = self.metrics
-        metrics.bytes.labels("in").inc(received)
+        metrics.bytes.labels("in").inc(received + direct_bytes(scope))
         metrics.bytes.labels("out").inc(memoryview(response.body).nbytes)
         metrics.requests.labels(route.method, route.template, str(response.status_code)).inc()
         metrics.request_seconds.labels(route.template).observe(time.perf_counter() - start)

@@ -11,6 +11,7 @@ from optserver_client.vocabulary import BINARY, REPLAYED_HEADER, VERSION_HEADER
 from starlette.requests import Request
 from starlette.responses import Response
 
+from optserver.api.direct import DirectBody, offered
 from optserver.config import Settings
 from optserver.errors import (
     BadRequest,
@@ -71,8 +72,13 @@ async def read_body(
             raise BadRequest(f"invalid Content-Length {declared!r}") from None
         if size > limit:
             raise _too_large(settings, fmt, limit, json_hint, size)
-    receiver = _Receiver(request, settings, size)
+    direct = offered(request.scope) if size is not None else None
+    receiver = _Receiver(request, settings, size, direct)
     try:
+        if direct is not None and direct.size == size and not direct.claimed:
+            direct.claim()  # the protocol reads the rest straight into the body's buffer
+            await receiver.whole()
+            return direct.value()
         if size is not None:
             sink: _ExactBody | _MappedBody = (
                 _ExactBody(size) if size <= SMALL_BODY else _MappedBody(size)
@@ -114,11 +120,18 @@ class _Receiver:
     One watchdog timer per body, re-armed only when it fires: a timeout per chunk would cost
     ~4 us each, and a 40 MB body comes in some 600 chunks. Call :meth:`close` when done."""
 
-    def __init__(self, request: Request, settings: Settings, size: int | None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        settings: Settings,
+        size: int | None,
+        direct: DirectBody | None = None,
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
         self.stream = request.stream()
+        self.direct = direct
         self.loop = asyncio.get_running_loop()
         self.idle = settings.body_idle_timeout_s
         self.rate = settings.body_min_bytes_per_s
@@ -132,6 +145,8 @@ class _Receiver:
         return self.idle + (self.size if self.size is not None else self.received) / self.rate
 
     def _due(self) -> float:
+        if self.direct is not None and self.direct.claimed:  # the protocol tracks its progress
+            self.received, self.last = self.direct.position, max(self.last, self.direct.last)
         return min(self.last + self.idle, self.start + self._total())
 
     def _watch(self) -> None:
@@ -141,6 +156,17 @@ class _Receiver:
             return
         self.expired = True
         self.task.cancel()  # the task waits for a chunk: this is the only place it awaits
+
+    async def whole(self) -> None:
+        """Wait for a claimed direct body to be complete, under the same deadlines."""
+        assert self.direct is not None
+        try:
+            await self.direct.wait()
+        except asyncio.CancelledError:
+            if self.expired and self.task.uncancel() == 0:
+                self._due()  # the latest progress, for the message
+                raise self._timeout() from None
+            raise
 
     async def next(self) -> bytes | None:
         """The next chunk, None at the end of the body."""

@@ -34,20 +34,30 @@ import contextlib
 import logging
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
+import httptools
 import uvicorn
 from optserver_client.vocabulary import PROBLEM
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from optserver.api.direct import DIRECT_BODY, DIRECT_MIN_BYTES, DirectBody
 from optserver.config import Settings
-from optserver.errors import HeadersTooLarge, ProblemError, RequestTimeout, ServiceUnavailable
+from optserver.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ProblemError,
+    RequestTimeout,
+    ServiceUnavailable,
+)
 from optserver.wire import encode_json
 
 __all__ = [
@@ -80,12 +90,19 @@ class ConnectionLimits:
     header_timeout_s: float
     max_connections: int
     max_header_bytes: int
+    #: Bodies up to this are offered for direct reading (larger ones get 413 anyway).
+    max_body_bytes: int
 
     @classmethod
     def from_settings(cls, settings: Settings, max_connections: int) -> ConnectionLimits:
         """``max_connections``: the cap in force (the setting's, or one derived from the
         open-file limit)."""
-        return cls(settings.header_timeout_s, max_connections, settings.max_header_bytes)
+        return cls(
+            settings.header_timeout_s,
+            max_connections,
+            settings.max_header_bytes,
+            settings.max_body_bytes,
+        )
 
 
 class _Throttle:
@@ -109,8 +126,14 @@ _refusals = _Throttle(10.0)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the deadlines and the cap described above; use
-    :func:`protocol_class` to bind the limits."""
+    """uvicorn's httptools protocol with the deadlines and the cap described above, and large
+    bodies read straight into their buffer (see :mod:`optserver.api.direct`); use
+    :func:`protocol_class` to bind the limits.
+
+    Read as a buffered protocol (through :class:`_Buffered`): the event loop reads into
+    :meth:`get_buffer`. Outside a direct body that is one scratch buffer of the loop's thread,
+    whose bytes go to httptools at once (as ``data_received`` would get them); inside one, it
+    is the body's own buffer."""
 
     # No default: bound by protocol_class, from the settings.
     limits: ClassVar[ConnectionLimits]
@@ -130,6 +153,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0  # received while its headers were incomplete
         self._headers_done = False  # a request's headers completed in this data_received
         self._closing = False  # refused or lingering: whatever arrives is dropped
+        self._direct: DirectBody | None = None  # the body being read straight into its buffer
 
     # --- connection events ---------------------------------------------------------------
 
@@ -143,13 +167,38 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm_header_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._direct is not None:
+            self._direct.fail(ClientDisconnect())
+            self._direct = None
         self._cancel_header_deadline()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
         super().connection_lost(exc)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._direct is not None and not self._closing:
+            return self._direct.writable()
+        return _scratch()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        direct = self._direct
+        if direct is not None and not self._closing:
+            if direct.advance(nbytes):
+                self._direct_done()
+            return
+        self.data_received(bytes(_scratch()[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
+        direct = self._direct
+        if direct is not None and not self._closing:  # a loop that reads into its own bytes
+            need = direct.size - direct.position
+            if not direct.write(data[:need]):
+                return
+            self._direct_done()
+            data = data[need:]
+            if not data:
+                return
         if self._closing:  # the rest of a request already answered, or of a refused connection
             if self._linger_timer is not None:
                 self._arm_linger()
@@ -182,6 +231,52 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._cancel_header_deadline()
         super().on_headers_complete()
+        self._offer_direct_body()
+
+    # --- direct bodies ---------------------------------------------------------------------
+
+    def _offer_direct_body(self) -> None:
+        """Offer the request's body for direct reading if it is large and plainly framed."""
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not self.scope or self.expect_100_continue:
+            return  # an upgrade (no cycle of its own), or 100-continue, which uvicorn answers
+        length: bytes | None = None
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and length is not None):
+                return  # chunked, or framing httptools has its own opinion about
+            if name == b"content-length":
+                length = value
+        if length is None or not length.isdigit():
+            return
+        size = int(length)
+        if not DIRECT_MIN_BYTES < size <= self.limits.max_body_bytes:
+            return
+        extensions: dict[str, Any] = dict(self.scope.get("extensions") or {})
+        extensions[DIRECT_BODY] = DirectBody(size, lambda body: self._start_direct(cycle, body))
+        self.scope["extensions"] = extensions
+
+    def _start_direct(self, cycle: RequestResponseCycle, body: DirectBody) -> None:
+        """The application claimed ``cycle``'s body: hand over what uvicorn holds of it, and
+        read the rest into the body's buffer."""
+        pending = cycle.body
+        cycle.body = bytearray()  # what uvicorn appends to (it types the field so)
+        if pending and body.write(pending):
+            return  # all of it had arrived; the parser has moved on or will see no more body
+        if not cycle.more_body:  # the request ended (or the connection was lost) short of it
+            body.fail(BadRequest(f"the body ended after {body.position} of {body.size} bytes"))
+            return
+        if self.cycle is not cycle or self.transport.is_closing():
+            body.fail(ClientDisconnect())
+            return
+        self._direct = body
+        self.flow.resume_reading()
+
+    def _direct_done(self) -> None:
+        """The body is in: the request is complete. httptools never saw the bytes read into
+        the body's buffer, so the next request starts on a fresh parser."""
+        self._direct = None
+        self.parser = _parser(self)
+        self.on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -280,14 +375,76 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
 
 
-def protocol_class(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:
-    """The protocol with ``limits`` bound (uvicorn builds one instance per connection)."""
+#: Per thread (event loop): what one read outside a direct body lands in.
+_scratch_buffers = threading.local()
+SCRATCH_BYTES = 256 << 10  # as much as asyncio reads at a time
+
+
+def _scratch() -> memoryview:
+    view: memoryview | None = getattr(_scratch_buffers, "view", None)
+    if view is None:
+        view = _scratch_buffers.view = memoryview(bytearray(SCRATCH_BYTES))
+    return view
+
+
+def _parser(protocol: HttpToolsProtocol) -> httptools.HttpRequestParser:
+    """A request parser for ``protocol``, set up as uvicorn sets up its own."""
+    parser = httptools.HttpRequestParser(protocol)
+    with contextlib.suppress(AttributeError):  # httptools < 0.6.3
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+    return parser
+
+
+class _Buffered(asyncio.BufferedProtocol):
+    """What the event loop sees of a connection: a buffered protocol in front of the HTTP one.
+
+    uvloop reads into a protocol's buffer only if it is not also an ``asyncio.Protocol``, and
+    uvicorn's protocols are; this forwards every event, nothing else."""
+
+    protocol_class: ClassVar[type[GuardedHttpProtocol]]
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.http = self.protocol_class(config, server_state, app_state, _loop)
+        # Bound once: these run for every read.
+        self.get_buffer = self.http.get_buffer  # type: ignore[method-assign]
+        self.buffer_updated = self.http.buffer_updated  # type: ignore[method-assign]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.http.connection_made(transport)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.http.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        self.http.eof_received()
+        return None  # close the transport, as uvicorn's protocol does
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+
+
+def protocol_class(limits: ConnectionLimits) -> type[asyncio.BaseProtocol]:
+    """The protocol factory with ``limits`` bound (uvicorn builds one per connection)."""
 
     class BoundHttpProtocol(GuardedHttpProtocol):
         pass
 
     BoundHttpProtocol.limits = limits
-    return BoundHttpProtocol
+
+    class BoundBuffered(_Buffered):
+        pass
+
+    BoundBuffered.protocol_class = BoundHttpProtocol
+    return BoundBuffered
 
 
 def raise_fd_limit() -> int:
@@ -336,7 +493,8 @@ def run(
         log_level=settings.log_level,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
-        http=protocol_class(ConnectionLimits.from_settings(settings, cap)),
+        # A factory uvicorn calls as it would a protocol class.
+        http=cast(Any, protocol_class(ConnectionLimits.from_settings(settings, cap))),
     )
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):

@@ -1,0 +1,167 @@
+"""Large request bodies read straight from the socket into their final buffer.
+
+uvicorn hands a body to the application chunk by chunk: the event loop reads 256 KiB into a
+new ``bytes``, httptools copies the body's part of it into another, uvicorn appends that to
+the request's pending bytes and pauses reading past 64 KiB, the application task wakes, takes
+the chunk and copies it into its own buffer, and reading resumes. A 40 MB body so costs three
+copies and some 160 wake-ups of the application. For a body of more than
+:data:`DIRECT_MIN_BYTES` with a Content-Length, the server's protocol instead offers a
+:class:`DirectBody` in the request's ASGI scope (``scope["extensions"][DIRECT_BODY]``). The
+application claims it when it reads the body (:func:`optserver.api.http.read_body`); from then
+on the protocol has the kernel write the body's bytes into the buffer itself (``recv_into``, a
+buffered protocol: no copy in user space), and the application wakes once, when the body is
+complete or the connection is lost. An unclaimed offer changes nothing: the body then reaches
+the application through ``receive()`` as usual.
+
+The buffer is an anonymous mapping that grows with the bytes, never on the word of
+Content-Length alone (neither memory nor address space: see ``tests/test_slow_clients.py``): 2 MiB
+at first, doubled as needed up to the declared size, by ``mremap`` (page tables move, bytes do
+not), asking for huge pages as numpy does for large arrays. It can be resized because no view of
+it outlives a read: the event loop lets go of the one it was given before it asks for the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+from collections.abc import Callable
+from typing import Any
+
+from optserver.errors import BadRequest, ServiceUnavailable
+
+__all__ = ["DIRECT_BODY", "DIRECT_MIN_BYTES", "DirectBody", "direct_bytes", "offered"]
+
+#: The scope extension under which the protocol offers a body.
+DIRECT_BODY = "optserver.direct_body"
+#: Bodies above this are offered (smaller ones take a few chunks: nothing to gain).
+DIRECT_MIN_BYTES = 1 << 20
+HUGE_PAGE = FIRST_MAPPING = 2 << 20
+
+
+class DirectBody:
+    """One request body of ``size`` bytes, written by the protocol, awaited by the application.
+
+    ``start`` is the protocol's half of :meth:`claim`: it hands over the bytes it already holds
+    (through :meth:`write`) and from then on fills :meth:`writable` and calls :meth:`advance`.
+    ``position`` and ``last`` (the loop time of the latest bytes) tell the application's
+    deadlines how the body is coming along."""
+
+    def __init__(self, size: int, start: Callable[[DirectBody], None]) -> None:
+        self.size = size
+        self.position = 0
+        self.claimed = False
+        self.last = 0.0
+        self._start = start
+        self._loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] | None = None
+        self._mapping: mmap.mmap | None = None
+
+    # --- the application's side -----------------------------------------------------------
+
+    def claim(self) -> None:
+        """Take the body: map its first part and let the protocol fill it (once only)."""
+        if self.claimed:
+            raise RuntimeError("a direct body is claimed once")
+        self.claimed = True
+        self._mapping = _mapping(min(FIRST_MAPPING, _rounded(self.size)), self.size)
+        self._done = self._loop.create_future()
+        self.last = self._loop.time()
+        self._start(self)
+
+    async def wait(self) -> None:
+        """Return once every byte is in; ClientDisconnect (or BadRequest) if that cannot be."""
+        assert self._done is not None, "claim() first"
+        await asyncio.shield(self._done)  # a cancelled wait (a deadline) leaves it intact
+
+    def value(self) -> memoryview:
+        """The body (complete once :meth:`wait` returned); it can no longer grow."""
+        assert self._mapping is not None, "claim() first"
+        return memoryview(self._mapping)[: self.position]
+
+    # --- the protocol's side ----------------------------------------------------------------
+
+    def writable(self) -> memoryview:
+        """Where the next bytes go: the rest of the mapping, grown first if it is full."""
+        self._reserve(self.position + 1)
+        assert self._mapping is not None
+        return memoryview(self._mapping)[self.position : min(len(self._mapping), self.size)]
+
+    def advance(self, count: int) -> bool:
+        """``count`` more bytes were written into :meth:`writable`; True once complete."""
+        self.position += count
+        self.last = self._loop.time()
+        if self.position < self.size:
+            return False
+        self._settle(None)
+        return True
+
+    def write(self, data: bytes | bytearray) -> bool:
+        """Bytes that arrived otherwise (before the claim); True once complete."""
+        end = self.position + len(data)
+        if end > self.size:  # the protocol never passes more: a bug
+            raise BadRequest("the body is longer than its Content-Length")
+        self._reserve(end)
+        assert self._mapping is not None
+        self._mapping[self.position : end] = data
+        return self.advance(len(data))
+
+    def _reserve(self, end: int) -> None:
+        """Grow the mapping to hold ``end`` bytes (doubling, up to the declared size)."""
+        assert self._mapping is not None, "claim() first"
+        capacity = len(self._mapping)
+        if end <= capacity:
+            return
+        wanted = _rounded(min(self.size, max(end, 2 * capacity)))
+        try:
+            self._mapping.resize(wanted)
+        except (OSError, MemoryError):
+            raise ServiceUnavailable(
+                f"no memory for a body of {self.size} bytes right now; retry later",
+                retry_after=5,
+            ) from None
+
+    def fail(self, error: BaseException) -> None:
+        """The body will not complete (the connection was lost, or the request ended short)."""
+        self._settle(error)
+
+    def _settle(self, error: BaseException | None) -> None:
+        done = self._done
+        if done is None or done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+            done.exception()  # retrieved here: a deadline may have stopped the waiter first
+
+
+def _rounded(size: int) -> int:
+    """A mapping size: whole huge pages, so the kernel places (and moves) it on their
+    boundaries; other sizes would split its huge pages."""
+    return max(HUGE_PAGE, -(-size // HUGE_PAGE) * HUGE_PAGE)
+
+
+def _mapping(capacity: int, size: int) -> mmap.mmap:
+    try:
+        mapping = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, OverflowError):
+        raise ServiceUnavailable(
+            f"no memory for a body of {size} bytes right now; retry later", retry_after=5
+        ) from None
+    with contextlib.suppress(AttributeError, OSError):  # no THP: small pages
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
+
+
+def offered(scope: Any) -> DirectBody | None:
+    """The body offered in this request's scope, if any."""
+    extensions = scope.get("extensions")
+    body = extensions.get(DIRECT_BODY) if extensions else None
+    return body if isinstance(body, DirectBody) else None
+
+
+def direct_bytes(scope: Any) -> int:
+    """How many body bytes reached the application directly (not through ``receive()``)."""
+    body = offered(scope)
+    return body.position if body is not None and body.claimed else 0

@@ -125,6 +125,13 @@ class Settings(BaseSettings):
         "kernel in a background thread, so that a session's first step does not wait some "
         "0.3 s per kernel for numba; startup and requests are not held up meanwhile.",
     )
+    buffer_pool_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="Large buffers (answers' copies of the weights, request bodies over 1 MiB) "
+        "are kept for reuse up to this many bytes in all: fresh memory costs a page fault per "
+        "page. 0 turns reuse off.",
+    )
     hot_path: bool = Field(
         True,
         description="Answer steps and pulls through a lean handler in front of FastAPI (the "

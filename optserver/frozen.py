@@ -4,7 +4,9 @@ A :class:`Frozen` is taken under the session's lock and never written again: it 
 push's answer, a pull and an idempotency replay are encoded from, outside the lock. The copies
 sit back to back in one buffer, laid out as a safetensors data section behind room for the
 header, so that encoding them as a document writes only the header in front of them: each
-tensor is still copied exactly once on its way out (the copy is the snapshot).
+tensor is still copied exactly once on its way out (the copy is the snapshot). Large buffers
+come from the server's pool (:mod:`optserver.buffers`): a step's answer reuses the buffer of
+an earlier one that nothing holds any more.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from optserver_client import safetensors_io
 from optserver_client.vocabulary import APPLIED_KEY, VERSION_KEY
 
+from optserver import buffers
 from optserver.wire import Buffer
 
 __all__ = ["Frozen"]
@@ -34,7 +37,7 @@ class Frozen:
         """Copy ``tensors``; ``widest``: the largest metadata a document of them will carry
         (the room left for the header)."""
         room = len(safetensors_io.header_bytes(tensors, widest))  # a multiple of 8
-        slab = np.empty(room + sum(a.nbytes for a in tensors.values()), dtype=np.uint8)
+        slab = buffers.pool().take(room + sum(a.nbytes for a in tensors.values()))
         position = room
         views: dict[str, np.ndarray] = {}
         for name, array in tensors.items():

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
-from optserver import __version__
+from optserver import __version__, buffers
 from optserver.api import idempotency
 from optserver.api.hot import Handlers, HotPath, hot_routes
 from optserver.api.problems import install_problem_handlers
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
     settings = settings or Settings()
     if settings.compute_threads is not None:
         configure_threads(settings.compute_threads)
+    buffers.configure(settings.buffer_pool_bytes)
     store = store or SessionStore(
         StoreLimits.from_settings(settings),
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,

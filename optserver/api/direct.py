@@ -18,6 +18,8 @@ Content-Length alone (neither memory nor address space: see ``tests/test_slow_cl
 at first, doubled as needed up to the declared size, by ``mremap`` (page tables move, bytes do
 not), asking for huge pages as numpy does for large arrays. It can be resized because no view of
 it outlives a read: the event loop lets go of the one it was given before it asks for the next.
+A complete body's buffer goes to the server's pool (:mod:`optserver.buffers`), and the next
+body of the same size is read into it once nothing holds it: no page faults, no growing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ import mmap
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from optserver import buffers
 from optserver.errors import BadRequest, ServiceUnavailable
 
 __all__ = ["DIRECT_BODY", "DIRECT_MIN_BYTES", "DirectBody", "direct_bytes", "offered"]
@@ -52,10 +57,12 @@ class DirectBody:
         self.position = 0
         self.claimed = False
         self.last = 0.0
-        self._start = start
+        self._start: Callable[[DirectBody], None] | None = start
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] | None = None
         self._mapping: mmap.mmap | None = None
+        #: The whole buffer, when it is one from the pool (or the mapping adopted into it).
+        self._buffer: np.ndarray | None = None
 
     # --- the application's side -----------------------------------------------------------
 
@@ -64,10 +71,14 @@ class DirectBody:
         if self.claimed:
             raise RuntimeError("a direct body is claimed once")
         self.claimed = True
-        self._mapping = _mapping(min(FIRST_MAPPING, _rounded(self.size)), self.size)
+        self._buffer = buffers.pool().reuse(self.size)  # memory already committed, if any
+        if self._buffer is None:
+            self._mapping = _mapping(min(FIRST_MAPPING, _rounded(self.size)), self.size)
         self._done = self._loop.create_future()
         self.last = self._loop.time()
-        self._start(self)
+        start, self._start = self._start, None  # it refers to the request: no cycle kept
+        assert start is not None
+        start(self)
 
     async def wait(self) -> None:
         """Return once every byte is in; ClientDisconnect (or BadRequest) if that cannot be."""
@@ -75,14 +86,22 @@ class DirectBody:
         await asyncio.shield(self._done)  # a cancelled wait (a deadline) leaves it intact
 
     def value(self) -> memoryview:
-        """The body (complete once :meth:`wait` returned); it can no longer grow."""
-        assert self._mapping is not None, "claim() first"
-        return memoryview(self._mapping)[: self.position]
+        """Hand the body over (complete once :meth:`wait` returned): this object lets go of
+        it, so that once its user does too, the pool can give the buffer to another body."""
+        if self._buffer is not None:
+            view = self._buffer.data[: self.position]
+        else:  # cut short: what arrived
+            assert self._mapping is not None, "claim() first"
+            view = memoryview(self._mapping)[: self.position]
+        self._buffer = self._mapping = None
+        return view
 
     # --- the protocol's side ----------------------------------------------------------------
 
     def writable(self) -> memoryview:
         """Where the next bytes go: the rest of the mapping, grown first if it is full."""
+        if self._buffer is not None:
+            return self._buffer.data[self.position : self.size]
         self._reserve(self.position + 1)
         assert self._mapping is not None
         return memoryview(self._mapping)[self.position : min(len(self._mapping), self.size)]
@@ -93,6 +112,7 @@ class DirectBody:
         self.last = self._loop.time()
         if self.position < self.size:
             return False
+        self._adopt()
         self._settle(None)
         return True
 
@@ -101,10 +121,20 @@ class DirectBody:
         end = self.position + len(data)
         if end > self.size:  # the protocol never passes more: a bug
             raise BadRequest("the body is longer than its Content-Length")
-        self._reserve(end)
-        assert self._mapping is not None
-        self._mapping[self.position : end] = data
+        if self._buffer is not None:
+            self._buffer[self.position : end] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            self._reserve(end)
+            assert self._mapping is not None
+            self._mapping[self.position : end] = data
         return self.advance(len(data))
+
+    def _adopt(self) -> None:
+        """The body is complete: from now on it is seen through one array (so the pool can
+        tell when nothing holds it), which the pool keeps for a later body of this size."""
+        if self._buffer is None and self._mapping is not None:
+            self._buffer = np.frombuffer(self._mapping, dtype=np.uint8, count=self.size)
+            buffers.pool().adopt(self._buffer)
 
     def _reserve(self, end: int) -> None:
         """Grow the mapping to hold ``end`` bytes (doubling, up to the declared size)."""

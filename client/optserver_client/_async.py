@@ -1,8 +1,9 @@
 """The asynchronous client: :class:`AsyncClient` and :class:`AsyncSession`.
 
-The same surface as :mod:`optserver_client._client`, with coroutines, over
-:class:`httpx.AsyncClient` (asyncio). Only the I/O differs; requests, parsing and the retry policy
-are the shared ones of ``_protocol`` and ``_retry``.
+The same surface as :mod:`optserver_client._client`, with coroutines, over the asyncio twin of
+the fast transport (``_wire``) or :class:`httpx.AsyncClient`, chosen alike. Only the I/O
+differs; requests, parsing and the retry policy are the shared ones of ``_protocol`` and
+``_retry``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from optserver_client._protocol import (
     retry_push,
 )
 from optserver_client._retry import RetryPolicy
+from optserver_client._wire import AsyncTransport, usable
 from optserver_client.exceptions import ConflictError, StaleGradientError
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
@@ -47,10 +49,16 @@ class AsyncClientOptions(TypedDict, total=False):
     backoff: float
     binary: bool
     transport: httpx.AsyncBaseTransport | None
+    fast_path: bool
 
 
 class AsyncClient:
-    """The asynchronous :class:`~optserver_client.Client`; close it with ``await aclose()``."""
+    """The asynchronous :class:`~optserver_client.Client`; close it with ``await aclose()``.
+
+    ``fast_path`` (default True) chooses the fast transport exactly as for the sync client:
+    ``http://`` URLs without a ``transport`` or a proxy; :attr:`fast_path` tells whether it is
+    in use. It needs an event loop with ``add_writer`` (asyncio's default on Unix).
+    """
 
     def __init__(
         self,
@@ -62,14 +70,23 @@ class AsyncClient:
         backoff: float = 0.1,
         binary: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        fast_path: bool = True,
     ) -> None:
         self._core = ClientCore(binary=binary, admin_key=admin_key)
         self._policy = RetryPolicy(retries, backoff)
         self._http = httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport)
+        base = self._http.base_url
+        use = fast_path and transport is None and usable(base)
+        self._wire = AsyncTransport(base, timeout) if use else None
 
     @property
     def url(self) -> str:
         return str(self._http.base_url)
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether requests go through the fast transport, not httpx."""
+        return self._wire is not None
 
     @property
     def binary(self) -> bool:
@@ -122,6 +139,8 @@ class AsyncClient:
         return await self._request(self._core.health())
 
     async def aclose(self) -> None:
+        if self._wire is not None:
+            self._wire.close()
         await self._http.aclose()
 
     close = aclose  # the sync client's name, as a coroutine too
@@ -154,6 +173,11 @@ class AsyncClient:
             await asyncio.sleep(delay)
 
     async def _send(self, call: Call[Any]) -> Reply:
+        if self._wire is not None:
+            answer = await self._wire.request(
+                call.method, call.path, call.params, call.headers, call.body_parts()
+            )
+            return Reply(answer.status, httpx.Headers(answer.headers), answer.body)
         content, extra = call.request_content()
         request = self._http.build_request(
             call.method, call.path, params=call.params, headers={**call.headers, **extra},

@@ -1,7 +1,8 @@
 """Tensors on the wire: conversion of array-likes, safetensors and JSON encodings.
 
 Arrays sent are C-contiguous, little-endian float16/float32/float64. Safetensors documents are
-written and read by :mod:`optserver_client.safetensors_io`: one copy to encode, and received
+written and read by :mod:`optserver_client.safetensors_io`: one copy to encode (none for a body
+sent as pieces, :func:`encode_safetensors_parts`: views of the caller's arrays), and received
 tensors are numpy views of the response body (read into a writable buffer), so the arrays are
 writable and cost no copy beyond the read itself.
 """
@@ -37,6 +38,7 @@ __all__ = [
     "encode_json",
     "encode_json_tensor",
     "encode_safetensors",
+    "encode_safetensors_parts",
     "is_wire_float",
 ]
 
@@ -99,6 +101,14 @@ def encode_safetensors(
 ) -> memoryview:
     """A safetensors document of ``tensors`` (as from :func:`as_array`) and string metadata."""
     return safetensors_io.encode(tensors, metadata)
+
+
+def encode_safetensors_parts(
+    tensors: Mapping[str, Array], metadata: Mapping[str, str] | None
+) -> tuple[Buffer, ...]:
+    """The document of :func:`encode_safetensors` as its header followed by views of the
+    arrays' bytes, for a scatter-gather send (the same bytes, without joining them)."""
+    return tuple(safetensors_io.encode_parts(tensors, metadata))
 
 
 def decode_safetensors(body: Buffer) -> tuple[dict[str, Array], dict[str, str]]:

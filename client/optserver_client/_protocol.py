@@ -28,7 +28,7 @@ from optserver_client._codec import (
     dtype_of,
     encode_json,
     encode_json_tensor,
-    encode_safetensors,
+    encode_safetensors_parts,
 )
 from optserver_client._retry import Retry
 from optserver_client.exceptions import (
@@ -154,7 +154,15 @@ class Call(Generic[T]):
     retry: Retry = Retry.SAFE
     params: dict[str, str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    content: Buffer | None = None
+    #: One buffer, or pieces sent in order (a safetensors header, then views of the arrays).
+    content: Buffer | tuple[Buffer, ...] | None = None
+
+    def body_parts(self) -> tuple[Buffer, ...]:
+        """The body as buffers to send one after the other (none: no body)."""
+        content = self.content
+        if content is None:
+            return ()
+        return content if isinstance(content, tuple) else (content,)
 
     def request_content(self) -> tuple[bytes | Iterator[bytes] | None, dict[str, str]]:
         """The body for httpx, and headers to add.
@@ -162,13 +170,17 @@ class Call(Generic[T]):
         A large body goes in slices with an explicit Content-Length: httpx would otherwise
         hand it to h11 whole, which copies it into a new bytes object first.
         """
-        content = self.content
-        if content is None or len(content) <= SEND_CHUNK:
-            return (None if content is None else bytes(content)), {}
-        view = memoryview(content).cast("B")
-        # Slices of a memoryview: h11 and the socket take any bytes-like object.
-        slices = (view[i : i + SEND_CHUNK] for i in range(0, len(view), SEND_CHUNK))
-        return cast(Iterator[bytes], slices), {"Content-Length": str(len(view))}
+        if self.content is None:
+            return None, {}
+        views = [memoryview(part).cast("B") for part in self.body_parts()]
+        size = sum(len(view) for view in views)
+        if size <= SEND_CHUNK:
+            return b"".join(views), {}
+        # Slices of memoryviews: h11 and the socket take any bytes-like object.
+        slices = (
+            view[i : i + SEND_CHUNK] for view in views for i in range(0, len(view), SEND_CHUNK)
+        )
+        return cast(Iterator[bytes], slices), {"Content-Length": str(size)}
 
     def finish(self, reply: Reply) -> T:
         """The result of a final reply; the matching :class:`APIError` for an error status."""
@@ -336,7 +348,8 @@ class SessionCore:
             tensors = dict(grad_arrays)
             tensors.update({PARAMS_PREFIX + n: a for n, a in param_arrays.items()})
             metadata = {k: repr(v) if isinstance(v, float) else str(v) for k, v in scalars.items()}
-            content: Buffer = encode_safetensors(tensors, metadata)
+            # Pieces, not one joined document: the arrays' own bytes are sent (scatter-gather).
+            content: Buffer | tuple[Buffer, ...] = encode_safetensors_parts(tensors, metadata)
             content_type = BINARY
         else:
             body: dict[str, Any] = {"grads": _json_tensors(grad_arrays)}
@@ -379,9 +392,9 @@ class SessionCore:
         arrays = _param_arrays(params, None)
         if not arrays:
             raise ValueError("set_params needs at least one tensor")
-        content: Buffer
+        content: Buffer | tuple[Buffer, ...]
         if self.client.binary:
-            content, content_type = encode_safetensors(arrays, None), BINARY
+            content, content_type = encode_safetensors_parts(arrays, None), BINARY
         else:
             body = {"params": _json_tensors(arrays), "dtype": _common_dtype(arrays).name}
             content, content_type = encode_json(body), JSON

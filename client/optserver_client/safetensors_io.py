@@ -7,7 +7,9 @@ server because it must check a hostile header completely before it allocates any
 the client (length, JSON, dtypes, shapes, offsets inside the body, no gaps or overlaps,
 element limits); both because decoded tensors can be numpy views of the body (no copy) and
 encoding is a single copy into one buffer, several times faster than the ``safetensors``
-package for large tensors. The test suite checks both directions against that package.
+package for large tensors (or no copy at all: :func:`encode_parts` gives the document as the
+header and views of the arrays, for a scatter-gather send). The test suite checks both
+directions against that package.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "allocate",
     "decode",
     "encode",
+    "encode_parts",
     "header_bytes",
     "json_expressible",
 ]
@@ -99,10 +102,25 @@ def header_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] 
     return padded.to_bytes(8, "little") + raw + b" " * (padded - len(raw))
 
 
+def encode_parts(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """The document of :func:`encode` as pieces to send in order: the header, then each tensor's
+    little-endian bytes. A C-contiguous little-endian array is not copied (its piece is a view of
+    it: it must not change until the pieces are sent); any other is copied once."""
+    parts: list[bytes | memoryview] = [header_bytes(tensors, metadata)]
+    for array in tensors.values():
+        data = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+        if data.nbytes:
+            parts.append(data.reshape(-1).view(np.uint8).data)
+    return parts
+
+
 def encode(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> memoryview:
-    """One document in one buffer: each tensor is copied once, nothing else."""
+    """One document in one buffer: each tensor is copied once, nothing else (the bytes are those
+    of :func:`encode_parts` joined; this writes them in place, without the pieces' copies)."""
     header = header_bytes(tensors, metadata)
     out = np.empty(len(header) + sum(a.nbytes for a in tensors.values()), dtype=np.uint8)
     out[: len(header)] = np.frombuffer(header, dtype=np.uint8)

@@ -145,3 +145,28 @@ def test_replayed_answers_survive_buffer_reuse_through_a_real_server() -> None:
             )
         assert replay.headers["idempotent-replayed"] == "true"
         np.testing.assert_array_equal(stn.load(replay.content)["w"], answers[0])
+
+
+def test_a_client_reads_large_answers_into_buffers_it_reuses_once_free() -> None:
+    """Through both transports: the answer's arrays are views of a pooled buffer, which the
+    next answer reuses only after the caller dropped the previous arrays."""
+    from optserver_client import Client
+
+    n = 3 * MB // 4
+    with live_server(max_body_bytes=64 << 20) as server:
+        for fast_path in (True, False):
+            with Client(server.url, fast_path=fast_path) as client:
+                session = client.create_session(
+                    {"w": np.zeros(n, np.float32)}, {"name": "sgd", "lr": 0.5}
+                )
+                grads = {"w": np.ones(n, np.float32)}
+                first = session.step(grads)["w"]
+                held = first.ctypes.data
+                second = session.step(grads)["w"]
+                assert second.ctypes.data != held  # the first answer is still held
+                np.testing.assert_array_equal(first, np.full(n, -0.5, np.float32))
+                del first
+                third = session.step(grads)["w"]
+                assert third.ctypes.data == held  # reused: nothing held it any more
+                np.testing.assert_array_equal(third, np.full(n, -1.5, np.float32))
+                np.testing.assert_array_equal(second, np.full(n, -1.0, np.float32))

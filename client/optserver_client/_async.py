@@ -32,6 +32,7 @@ from optserver_client._protocol import (
 )
 from optserver_client._retry import RetryPolicy
 from optserver_client._wire import AsyncTransport, usable
+from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
 from optserver_client.exceptions import ConflictError, StaleGradientError
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
@@ -50,6 +51,7 @@ class AsyncClientOptions(TypedDict, total=False):
     binary: bool
     transport: httpx.AsyncBaseTransport | None
     fast_path: bool
+    buffer_pool_bytes: int
 
 
 class AsyncClient:
@@ -71,13 +73,16 @@ class AsyncClient:
         binary: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         fast_path: bool = True,
+        buffer_pool_bytes: int = DEFAULT_POOL_BYTES,
     ) -> None:
         self._core = ClientCore(binary=binary, admin_key=admin_key)
         self._policy = RetryPolicy(retries, backoff)
         self._http = httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport)
         base = self._http.base_url
         use = fast_path and transport is None and usable(base)
-        self._wire = AsyncTransport(base, timeout) if use else None
+        # Response bodies of 1 MiB or more reuse buffers the caller no longer holds.
+        self._buffers = BufferPool(buffer_pool_bytes)
+        self._wire = AsyncTransport(base, timeout, self._buffers) if use else None
 
     @property
     def url(self) -> str:
@@ -185,7 +190,7 @@ class AsyncClient:
         )  # fmt: skip
         response = await self._http.send(request, stream=True)
         try:
-            reader = BodyReader(response.headers)
+            reader = BodyReader(response.headers, self._buffers.allocate)
             async for chunk in response.aiter_bytes():
                 reader.feed(chunk)
         finally:

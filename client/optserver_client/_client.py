@@ -25,6 +25,7 @@ from optserver_client._protocol import (
 )
 from optserver_client._retry import RetryPolicy
 from optserver_client._wire import Transport, usable
+from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
 from optserver_client.exceptions import ConflictError, StaleGradientError
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
@@ -45,6 +46,7 @@ class ClientOptions(TypedDict, total=False):
     binary: bool
     transport: httpx.BaseTransport | None
     fast_path: bool
+    buffer_pool_bytes: int
 
 
 class Client:
@@ -58,7 +60,10 @@ class Client:
     into their buffer, a fraction of httpx's per-request cost; with ``fast_path=False``, a
     ``transport``, an ``https://`` URL or a proxy configured for the host (the ``*_proxy``
     environment variables), everything goes through httpx. :attr:`fast_path` tells which.
-    The client is thread-safe and pools connections; close it, or use it as a context manager.
+    Response bodies of 1 MiB or more are read into buffers reused once nothing holds the arrays
+    of an earlier answer any more, up to ``buffer_pool_bytes`` kept (0: always fresh memory,
+    which costs a page fault per page). The client is thread-safe and pools connections; close
+    it, or use it as a context manager.
     """
 
     def __init__(
@@ -72,13 +77,16 @@ class Client:
         binary: bool = True,
         transport: httpx.BaseTransport | None = None,
         fast_path: bool = True,
+        buffer_pool_bytes: int = DEFAULT_POOL_BYTES,
     ) -> None:
         self._core = ClientCore(binary=binary, admin_key=admin_key)
         self._policy = RetryPolicy(retries, backoff)
         self._http = httpx.Client(base_url=url, timeout=timeout, transport=transport)
         base = self._http.base_url
         use = fast_path and transport is None and usable(base)
-        self._wire = Transport(base, timeout) if use else None
+        # Response bodies of 1 MiB or more reuse buffers the caller no longer holds.
+        self._buffers = BufferPool(buffer_pool_bytes)
+        self._wire = Transport(base, timeout, self._buffers) if use else None
 
     @property
     def url(self) -> str:
@@ -188,7 +196,7 @@ class Client:
         )  # fmt: skip
         response = self._http.send(request, stream=True)
         try:
-            reader = BodyReader(response.headers)
+            reader = BodyReader(response.headers, self._buffers.allocate)
             for chunk in response.iter_bytes():
                 reader.feed(chunk)
         finally:

@@ -116,7 +116,9 @@ class BodyReader:
     """Collects a response body into one writable buffer, preallocated from Content-Length
     (numpy memory: no zero-filling, huge pages), so that arrays decoded from it are views."""
 
-    def __init__(self, headers: httpx.Headers) -> None:
+    def __init__(
+        self, headers: httpx.Headers, allocate: Callable[[int], memoryview] = allocate
+    ) -> None:
         declared = headers.get("content-length")
         self._size = int(declared) if declared and declared.isdigit() else None
         self._fixed = allocate(self._size) if self._size else None

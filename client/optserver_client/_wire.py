@@ -17,12 +17,13 @@ import select
 import socket
 import threading
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 import httpx
 
+from optserver_client.buffers import BufferPool
 from optserver_client.safetensors_io import Buffer, allocate
 
 __all__ = ["AsyncTransport", "Response", "ResponseParser", "Transport", "WireError", "usable"]
@@ -66,11 +67,15 @@ class ResponseParser:
     """One response, parsed from the bytes fed to it.
 
     ``feed`` takes whatever arrived, ``feed_eof`` tells that the peer closed. A Content-Length
-    body lands in one buffer from :func:`allocate`; while it is due, the I/O layer may read into
+    body lands in one buffer from ``allocate`` (a client's
+    :class:`~optserver_client.buffers.BufferPool`); while it is due, the I/O layer may read into
     :meth:`body_window` itself and report the count to :meth:`body_received`.
     """
 
-    def __init__(self, method: str = "GET") -> None:
+    def __init__(
+        self, method: str = "GET", allocate: Callable[[int], memoryview] = allocate
+    ) -> None:
+        self._allocate = allocate
         self._no_body = method == "HEAD"
         self._state = _HEAD
         self._pending = bytearray()  # the start of a head or line not complete yet
@@ -222,7 +227,7 @@ class ResponseParser:
                 raise WireError(f"bad Content-Length {sorted({size, *lengths})}")
             self._left = int(size)
             self._state = _FIXED if self._left else _DONE
-            self._fixed = allocate(self._left) if self._left else None
+            self._fixed = self._allocate(self._left) if self._left else None
         else:  # neither: the body ends when the server closes the connection
             self.keep_alive = False
             self._state = _UNTIL_EOF
@@ -244,7 +249,12 @@ class _Pool:
     """Target, timeouts and idle connections of one client (thread-safe; used from one event
     loop at a time by the async transport, for which the lock is never contended)."""
 
-    def __init__(self, url: httpx.URL, timeout: float | httpx.Timeout | None) -> None:
+    def __init__(
+        self,
+        url: httpx.URL,
+        timeout: float | httpx.Timeout | None,
+        buffers: BufferPool | None = None,
+    ) -> None:
         from optserver_client import __version__  # not at import: the package imports this module
 
         self._host = url.raw_host.decode("ascii")
@@ -257,6 +267,7 @@ class _Pool:
         self._lock = threading.Lock()
         self._idle: list[socket.socket] = []
         self._closed = False
+        self._body = allocate if buffers is None else buffers.allocate  # response bodies
 
     def close(self) -> None:
         with self._lock:
@@ -350,7 +361,7 @@ class Transport(_Pool):
         body: Sequence[Buffer] = (),
     ) -> Response:
         target, views = self._prepare(method, path, params, headers, body)
-        parser, phase, sock, failed = ResponseParser(method), "connect", None, None
+        parser, phase, sock, failed = ResponseParser(method, self._body), "connect", None, None
         try:
             sock = self._take() or self._connect()
             phase = "write"
@@ -392,7 +403,7 @@ class AsyncTransport(_Pool):
     ) -> Response:
         target, views = self._prepare(method, path, params, headers, body)
         loop = asyncio.get_running_loop()
-        parser, phase, sock, failed = ResponseParser(method), "connect", None, None
+        parser, phase, sock, failed = ResponseParser(method, self._body), "connect", None, None
         try:
             sock = self._take() or await self._connect(loop)
             phase = "write"

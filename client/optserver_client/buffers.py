@@ -20,10 +20,12 @@ import threading
 
 import numpy as np
 
-__all__ = ["MIN_POOLED_BYTES", "BufferPool"]
+__all__ = ["DEFAULT_POOL_BYTES", "MIN_POOLED_BYTES", "BufferPool"]
 
 #: Smaller buffers come from the allocator's own free lists: nothing to gain.
 MIN_POOLED_BYTES = 1 << 20
+#: A client's pool for response bodies, unless told otherwise (``buffer_pool_bytes``).
+DEFAULT_POOL_BYTES = 256 << 20
 
 
 def _probe_baseline() -> int:
@@ -65,6 +67,10 @@ class BufferPool:
         buffer = np.empty(nbytes, dtype=np.uint8)
         self.adopt(buffer)
         return buffer
+
+    def allocate(self, nbytes: int) -> memoryview:
+        """:meth:`take` as a writable byte memoryview (which refers to the array)."""
+        return self.take(nbytes).data
 
     def reuse(self, nbytes: int) -> np.ndarray | None:
         """A free buffer of ``nbytes``, or None."""

@@ -32,7 +32,7 @@ from optserver.push import Outcome, Push, RoundMember
 from optserver.replies import Answer
 from optserver.session import Session
 
-__all__ = ["INLINE_STEP_ELEMENTS", "Coordinator"]
+__all__ = ["INLINE_JOURNALED_ELEMENTS", "INLINE_STEP_ELEMENTS", "Coordinator"]
 
 #: A push of at most this many numbers is stepped on the event loop itself when the session's
 #: lock is free: at most about a millisecond of math, copying and a journal write, while the hop
@@ -40,6 +40,9 @@ __all__ = ["INLINE_STEP_ELEMENTS", "Coordinator"]
 #: leave the loop nothing to do meanwhile (measured with benchmarks/ps_compare.py: inline, one
 #: worker at P=1e6 goes from 348 to 385 steps/s and four from 349 to 435).
 INLINE_STEP_ELEMENTS = 1 << 20
+#: The same with a journal: the record is encoded, checksummed and written under the lock too
+#: (~1 ms per MB), so only small pushes stay on the loop.
+INLINE_JOURNALED_ELEMENTS = 1 << 15
 
 
 @dataclass
@@ -92,7 +95,8 @@ class Coordinator:
         if isinstance(session.mode, SyncMode):
             return await self._join_round(session, session.mode, push, key, answer, fingerprint)
         async with self.turn(session.id):
-            if push.elements <= INLINE_STEP_ELEMENTS:
+            inline = INLINE_STEP_ELEMENTS if session.recorder is None else INLINE_JOURNALED_ELEMENTS
+            if push.elements <= inline:
                 outcome = session.try_step(push, key=key, answer=answer, fingerprint=fingerprint)
                 if outcome is not None:
                     return outcome

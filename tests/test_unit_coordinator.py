@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,7 +17,8 @@ import orjson
 import pytest
 
 from optserver.config import Settings
-from optserver.coordinator import INLINE_STEP_ELEMENTS, Coordinator
+from optserver.coordinator import INLINE_JOURNALED_ELEMENTS, INLINE_STEP_ELEMENTS, Coordinator
+from optserver.durability import DataDir
 from optserver.errors import Conflict, IdempotencyKeyReused, ProblemError
 from optserver.modes import SyncMode
 from optserver.push import Outcome
@@ -332,3 +334,38 @@ def test_a_small_push_waits_in_a_thread_while_another_thread_holds_the_session()
     assert ticks >= 10
     assert outcome.version == 1
     assert len(threads) == 1 and threads[0] != threading.current_thread().name
+
+
+def test_with_a_journal_only_small_pushes_are_stepped_on_the_event_loop(tmp_path: Path) -> None:
+    """Journaling encodes, checksums and writes the record under the lock: a push larger than
+    INLINE_JOURNALED_ELEMENTS goes to a worker thread even though it is inline-sized without
+    a journal."""
+    store = SessionStore(StoreLimits.from_settings(Settings()))
+    data_dir = DataDir(tmp_path, fsync="never")
+    data_dir.open(store)
+    try:
+        n = INLINE_JOURNALED_ELEMENTS + 1
+        assert n <= INLINE_STEP_ELEMENTS
+        s, _ = store.create(
+            optimizer={"name": "sgd", "lr": 0.5}, params={"w": np.zeros(n, np.float32)}
+        )
+        assert s.recorder is not None
+        threads = _stepping_threads(s)
+        coordinator = Coordinator()
+        grads = {"w": np.ones(n, np.float32)}
+        small = {"w": np.ones(2, np.float32)}
+        t, _ = store.create(
+            optimizer={"name": "sgd", "lr": 0.5}, params={"w": np.zeros(2, np.float32)}
+        )
+        small_threads = _stepping_threads(t)
+
+        async def main() -> None:
+            await coordinator.push(s, Push(grads=grads), key=None, answer=JSON_ANSWER)
+            await coordinator.push(t, Push(grads=small), key=None, answer=JSON_ANSWER)
+
+        run(main())
+        main_thread = threading.current_thread().name
+        assert threads and threads[0] != main_thread
+        assert small_threads == [main_thread]
+    finally:
+        data_dir.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,6 +70,9 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         extra = {"idempotency": idempotency.warm_up}  # every keyed push's loop
         warming = warm_up_in_background(extra=extra) if settings.warm_up else None
         task = asyncio.create_task(_maintenance(settings, store, coordinator, data_dir))
+        # What start-up made lives as long as the server: out of the collector's sight, a full
+        # collection (every few thousand requests) no longer walks it all.
+        gc.freeze()
         try:
             yield
         finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import mmap
 from collections.abc import Mapping
 
@@ -11,14 +10,20 @@ from optserver_client.vocabulary import BINARY, REPLAYED_HEADER, VERSION_HEADER
 from starlette.requests import Request
 from starlette.responses import Response
 
-from optserver.api.direct import DirectBody, offered
+from optserver.api.direct import (
+    FIRST_MAPPING,
+    DirectBody,
+    map_body,
+    offered,
+    resize_body,
+    rounded,
+)
 from optserver.config import Settings
 from optserver.errors import (
     BadRequest,
     NotAcceptable,
     PayloadTooLarge,
     RequestTimeout,
-    ServiceUnavailable,
     UnsupportedMediaType,
 )
 from optserver.replies import MEDIA, Format, Reply
@@ -40,7 +45,6 @@ __all__ = [
 #: more, doubled as needed.
 SMALL_BODY = 64 << 10
 HEAD_BYTES = 1 << 20
-FIRST_MAPPING = HUGE_PAGE = 2 << 20
 
 #: What a client with too large a JSON body should do instead (followed by the binary limit).
 SAFETENSORS_HINT = "send the tensors as safetensors instead"
@@ -249,26 +253,18 @@ class _MappedBody:
             capacity = 0 if self.mapping is None else len(self.mapping)
             if end > capacity:
                 wanted = min(self.size, max(end, 2 * capacity, FIRST_MAPPING))
-                self._grow(-(-wanted // HUGE_PAGE) * HUGE_PAGE)
+                self._grow(rounded(wanted))
             assert self.mapping is not None
             self.mapping[self.position : end] = chunk
         self.position = end
 
     def _grow(self, capacity: int) -> None:
-        try:
-            if self.mapping is None:
-                self.mapping = mmap.mmap(-1, capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                with contextlib.suppress(AttributeError, OSError):  # no THP: small pages
-                    self.mapping.madvise(mmap.MADV_HUGEPAGE)
-                self.mapping[: self.position] = b"".join(self.head)
-                self.head = []
-            else:
-                self.mapping.resize(capacity)
-        except (OSError, MemoryError):
-            raise ServiceUnavailable(
-                f"no memory for a body of {self.size} bytes right now; retry later",
-                retry_after=5,
-            ) from None
+        if self.mapping is None:
+            self.mapping = map_body(capacity, self.size)
+            self.mapping[: self.position] = b"".join(self.head)
+            self.head = []
+        else:
+            resize_body(self.mapping, capacity, self.size)
 
     def value(self) -> Buffer:
         if self.mapping is None:

@@ -190,15 +190,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.data_received(bytes(_scratch()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
-        direct = self._direct
-        if direct is not None and not self._closing:  # a loop that reads into its own bytes
-            need = direct.size - direct.position
-            if not direct.write(data[:need]):
-                return
-            self._direct_done()
-            data = data[need:]
-            if not data:
-                return
         if self._closing:  # the rest of a request already answered, or of a refused connection
             if self._linger_timer is not None:
                 self._arm_linger()

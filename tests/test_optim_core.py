@@ -17,6 +17,7 @@ from optserver.optim import (
     configure_threads,
     create,
 )
+from optserver.optim.kernels import MIN_PART
 
 # Options that switch on every state array an optimizer can have.
 FULL_OPTIONS: dict[str, dict[str, Any]] = {
@@ -340,4 +341,29 @@ def test_threaded_split_equals_single_thread() -> None:
             rng = np.random.default_rng(0)
     finally:
         configure_threads(previous)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "rmsprop"])
+def test_a_step_split_over_threads_equals_the_step_on_one(name: str) -> None:
+    """Past twice MIN_PART elements a step is cut into parts run on several threads; each
+    element's result is what one thread computes (the kernels are elementwise)."""
+    n = 2 * MIN_PART + 3  # parts that do not divide evenly
+    rng = np.random.default_rng(7)
+    start, grads = (
+        rng.standard_normal(n, dtype=np.float32),
+        rng.standard_normal(n, dtype=np.float32),
+    )
+    results = []
+    for threads in (1, 2):
+        previous = configure_threads(threads)
+        try:
+            opt = create({"name": name, "lr": 0.01})
+            weights = start.copy()
+            state = opt.init({"w": weights})
+            for _ in range(2):
+                opt.update({"w": grads}, state, {"w": weights})
+            results.append(weights)
+        finally:
+            configure_threads(previous)
     np.testing.assert_array_equal(results[0], results[1])

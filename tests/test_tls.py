@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,7 +23,7 @@ ST = "application/octet-stream"
 
 
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ssl.SSLContext]]:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("the openssl command is needed to make a test certificate")
@@ -45,26 +44,27 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"https://127.0.0.1:{port}"
+    trusted = ssl.create_default_context(cafile=cert)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(url + "/healthz", verify=ssl.create_default_context(cafile=cert), timeout=1).status_code == 200:
+                if httpx.get(url + "/healthz", verify=trusted, timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise
             time.sleep(0.1)
-        yield url, cert
+        yield url, trusted
     finally:
         process.terminate()
         process.wait(10)
 
 
-def test_small_and_large_steps_over_tls(tls_server: tuple[str, Path]) -> None:
-    url, cert = tls_server
+def test_small_and_large_steps_over_tls(tls_server: tuple[str, ssl.SSLContext]) -> None:
+    url, trusted = tls_server
     n = DIRECT_MIN_BYTES // 4 + 1000  # a body read directly, and a small one
-    with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=cert), timeout=30) as client:
+    with httpx.Client(base_url=url, verify=trusted, timeout=30) as client:
         created = client.post("/v1/sessions", json={"optimizer": {"name": "sgd", "lr": 0.5}})
         assert created.status_code == 201, created.text
         s = created.json()

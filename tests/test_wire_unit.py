@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from optserver_client import Client, TransportError, __version__
+from optserver_client import Client, TransportError, __version__, _wire
 from optserver_client._protocol import SEND_CHUNK, Call
 from optserver_client._wire import (
     MAX_FIELDS,
@@ -1083,3 +1083,65 @@ def test_request_content_for_httpx() -> None:
     assert extra == {"Content-Length": str(total)}
     assert all(len(p) <= SEND_CHUNK for p in pieces)
     assert b"".join(pieces) == b"".join(bytes(memoryview(p).cast("B")) for p in big)
+
+
+def _held_until(release: threading.Event) -> Handler:
+    """Answers each request once ``release`` is set."""
+
+    def handler(peer: Peer, server: Server) -> None:
+        while (request := peer.request()) is not None:
+            server.record(request)
+            release.wait(WAIT_S)
+            peer.send(answer(b"ok"))
+
+    return handler
+
+
+def test_connections_are_capped_and_a_request_waits_at_most_the_pool_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_wire, "MAX_CONNECTIONS", 2)
+    release = threading.Event()
+    with serve(_held_until(release)) as server:
+        wire = Transport(httpx.URL(server.url), httpx.Timeout(WAIT_S, pool=0.3))
+        try:
+            busy = [
+                threading.Thread(target=wire.request, args=("GET", "/", None, {})) for _ in range(2)
+            ]
+            for thread in busy:
+                thread.start()
+            wait_for(lambda: len(server.heads) == 2)
+            start = time.monotonic()
+            with pytest.raises(httpx.PoolTimeout, match="2 connections"):
+                wire.request("GET", "/", None, {})
+            assert 0.25 < time.monotonic() - start < WAIT_S
+            assert len(server.connections) == 2  # the third never connected
+            release.set()
+            for thread in busy:
+                thread.join(WAIT_S)
+            assert bytes(wire.request("GET", "/", None, {}).body) == b"ok"
+            assert len(server.connections) == 2  # a freed connection was reused
+        finally:
+            wire.close()
+
+
+def test_the_async_transport_caps_connections_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_wire, "MAX_CONNECTIONS", 1)
+    release = threading.Event()
+
+    async def main(url: str) -> None:
+        wire = AsyncTransport(httpx.URL(url), httpx.Timeout(WAIT_S, pool=0.3))
+        try:
+            first = asyncio.create_task(wire.request("GET", "/", None, {}))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.PoolTimeout):
+                await wire.request("GET", "/", None, {})
+            release.set()
+            assert bytes((await first).body) == b"ok"
+            assert bytes((await wire.request("GET", "/", None, {})).body) == b"ok"
+        finally:
+            wire.close()
+
+    with serve(_held_until(release)) as server:
+        asyncio.run(main(server.url))
+        assert len(server.connections) == 1

@@ -34,6 +34,9 @@ MAX_HEAD_BYTES = 64 << 10
 MAX_FIELDS = 256
 #: Idle connections kept per client; more are closed when they come back.
 MAX_IDLE = 16
+#: Connections open at once per client (httpx's default); a request beyond waits for one, at
+#: most the pool timeout (httpx.PoolTimeout: never sent, so retried as httpx's is).
+MAX_CONNECTIONS = 100
 _IOV_MAX = 512  # buffers per sendmsg call (Linux takes up to 1024)
 _SCRATCH = 64 << 10  # bytes read at once until the body's size is known
 _STEP = 512  # bytes looked at per search for a line's end: what follows is not copied again
@@ -263,11 +266,13 @@ class _Pool:
         self._prefix = url.raw_path.partition(b"?")[0].decode("ascii").rstrip("/")
         limits = httpx.Timeout(timeout)
         self._connect_timeout, self._read, self._write = limits.connect, limits.read, limits.write
+        self._pool_timeout = limits.pool
         self._agent = f"optserver-client/{__version__}"
         self._lock = threading.Lock()
         self._idle: list[socket.socket] = []
         self._closed = False
         self._body = allocate if buffers is None else buffers.allocate  # response bodies
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def close(self) -> None:
         with self._lock:
@@ -322,6 +327,12 @@ class _Pool:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode()
         return target, [memoryview(head), *views]
 
+    def _pool_exhausted(self, method: str, target: str) -> httpx.PoolTimeout:
+        return httpx.PoolTimeout(
+            f"all {MAX_CONNECTIONS} connections stayed busy for {self._pool_timeout} s",
+            request=httpx.Request(method, f"http://{self._netloc}{target}"),
+        )
+
     def _error(
         self,
         phase: str,
@@ -362,6 +373,8 @@ class Transport(_Pool):
     ) -> Response:
         target, views = self._prepare(method, path, params, headers, body)
         parser, phase, sock, failed = ResponseParser(method, self._body), "connect", None, None
+        if not self._slots.acquire(timeout=self._pool_timeout):
+            raise self._pool_exhausted(method, target)
         try:
             sock = self._take() or self._connect()
             phase = "write"
@@ -383,6 +396,7 @@ class Transport(_Pool):
         finally:
             if sock is not None:
                 self._put(sock, _reusable(parser, failed, views))
+            self._slots.release()
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection((self._host, self._port), timeout=self._connect_timeout)
@@ -392,6 +406,8 @@ class Transport(_Pool):
 
 class AsyncTransport(_Pool):
     """The same over non-blocking sockets, with the running asyncio event loop."""
+
+    _async_slots: asyncio.Semaphore | None = None  # made in the loop that first uses it
 
     async def request(
         self,
@@ -403,6 +419,22 @@ class AsyncTransport(_Pool):
     ) -> Response:
         target, views = self._prepare(method, path, params, headers, body)
         loop = asyncio.get_running_loop()
+        if self._async_slots is None:
+            self._async_slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        slots = self._async_slots
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            raise self._pool_exhausted(method, target) from None
+        try:
+            return await self._request(loop, method, target, views)
+        finally:
+            slots.release()
+
+    async def _request(
+        self, loop: asyncio.AbstractEventLoop, method: str, target: str, views: list[memoryview]
+    ) -> Response:
         parser, phase, sock, failed = ResponseParser(method, self._body), "connect", None, None
         try:
             sock = self._take() or await self._connect(loop)

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/ps_compare.py              # full run (a few minutes)
     .venv/bin/python benchmarks/ps_compare.py --quick      # smoke check: P=1e3, 1e6, one worker
     .venv/bin/python benchmarks/ps_compare.py --sizes 1e6 --workers 4 --multi-size 1e6
+    .venv/bin/python benchmarks/ps_compare.py --rounds 3   # and the ratios' median and range
 
 Every system is measured in the same run by the same worker loop (one process per worker,
 started with multiprocessing's "spawn"; a step is one blocking round trip), on loopback:
@@ -575,6 +576,37 @@ def table(cells: Sequence[Cell]) -> str:
     return "\n".join(lines)
 
 
+def spread(rounds: Sequence[Sequence[Cell]]) -> str:
+    """Per cell, the median and range of steps/s and of optserver's ratio to it, over rounds."""
+    columns = ("P", "workers", "system", "steps/s median (min-max)",
+               "optserver / row median (min-max)")  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for index, first in enumerate(rounds[0]):
+        rates, ratios = [], []
+        for cells in rounds:
+            cell = cells[index]
+            mine = next(
+                (c.rate for c in cells if (c.system, c.size, c.workers, c.error)
+                 == ("optserver", first.size, first.workers, None)),
+                None,
+            )  # fmt: skip
+            if cell.error or not cell.rate:
+                continue
+            rates.append(cell.rate)
+            if mine:
+                ratios.append(mine / cell.rate)
+        head = [size_label(first.size), str(first.workers), LABELS[first.system]]
+        if not rates or not ratios:
+            lines.append("| " + " | ".join([*head, "failed", ""]) + " |")
+            continue
+        lines.append("| " + " | ".join([
+            *head,
+            f"{np.median(rates):,.1f} ({min(rates):,.1f}-{max(rates):,.1f})",
+            f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
+        ]) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="P=1e3 and 1e6, one worker, short")
@@ -584,6 +616,13 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--budget", type=float, help="timed seconds per cell")
     parser.add_argument("--min-steps", type=int, help="least timed steps per worker")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every cell this many times, the systems taking turns, and add a table "
+        "of the ratios' median and range (a reference that varies from run to run shows)",
+    )
     parser.add_argument(
         "--rpc-channels",
         default="basic",
@@ -604,14 +643,18 @@ def main() -> None:
     bench = Bench(args, budget)
     cells: list[Cell] = []
     began = time.monotonic()
+    rounds: list[list[Cell]] = []
     try:
-        for size, workers in plan:
-            for system in args.systems:
-                cell = bench.measure(system, size, workers)
-                cells.append(cell)
-                status = cell.error or f"{cell.rate:,.1f} steps/s"
-                print(f"{LABELS[system]:>10} P={size_label(size)} x{workers}: {status}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+        for _ in range(max(1, args.rounds)):
+            cells = []
+            for size, workers in plan:
+                for system in args.systems:
+                    cell = bench.measure(system, size, workers)
+                    cells.append(cell)
+                    status = cell.error or f"{cell.rate:,.1f} steps/s"
+                    print(f"{LABELS[system]:>10} P={size_label(size)} x{workers}: {status}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+            rounds.append(cells)
     finally:
         bench.close()
     print(
@@ -623,6 +666,11 @@ def main() -> None:
         print(f"torch rpc: {bench.notes['rpc']}, TensorPipe uv transport, channels {channels}")
     print()
     print(table(cells))
+    if len(rounds) > 1:
+        print()
+        print(f"Over {len(rounds)} rounds (the table above is the last):")
+        print()
+        print(spread(rounds))
 
 
 if __name__ == "__main__":

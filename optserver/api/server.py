@@ -223,22 +223,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_header_deadline()
         super().on_headers_complete()
         cycle = self.cycle
-        if (
-            cycle is not None
-            and cycle.scope is self.scope
-            and not self.expect_100_continue  # its interim answer must not wait for the body
-            and self.scope["method"] != "HEAD"  # its answer writes no body
-        ):
+        # Not for an upgrade (no cycle of its own), nor for 100-continue: uvicorn answers that
+        # itself, and its interim answer must not wait for the body.
+        if cycle is None or cycle.scope is not self.scope or self.expect_100_continue:
+            return
+        if self.scope["method"] != "HEAD":  # a HEAD answer writes no body to go out with
             cycle.transport = _OneWrite(self.transport)  # type: ignore[assignment]
-        self._offer_direct_body()
+        self._offer_direct_body(cycle)
 
     # --- direct bodies ---------------------------------------------------------------------
 
-    def _offer_direct_body(self) -> None:
+    def _offer_direct_body(self, cycle: RequestResponseCycle) -> None:
         """Offer the request's body for direct reading if it is large and plainly framed."""
-        cycle = self.cycle
-        if cycle is None or cycle.scope is not self.scope or self.expect_100_continue:
-            return  # an upgrade (no cycle of its own), or 100-continue, which uvicorn answers
         length: bytes | None = None
         for name, value in self.headers:
             if name == b"transfer-encoding" or (name == b"content-length" and length is not None):
@@ -388,11 +384,11 @@ class _OneWrite:
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.head: bytes | None = None
-        self.writes = 0
+        self.started = False  # the head was written (held, or sent)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes += 1
-        if self.writes == 1:  # the head
+        if not self.started:  # the head
+            self.started = True
             self.head = bytes(data)
             return
         head, self.head = self.head, None

@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None, store: SessionStore | None = No
         app.include_router(module.router)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     if settings.hot_path:  # outermost of ours: the hot routes skip the metrics middleware too
-        routes = hot_routes(tensors.router.routes, Handlers(store, app.state.service))
+        routes = hot_routes(tensors.router.routes, Handlers(app.state.service))
         app.add_middleware(HotPath, routes=routes, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -35,7 +35,6 @@ from optserver.metrics import Metrics
 from optserver.replies import Format, Returns
 from optserver.service import Service
 from optserver.session import Session
-from optserver.store import SessionStore
 from optserver.wire import Buffer
 
 __all__ = ["MAX_IDEMPOTENCY_KEY", "MAX_SESSION_ID", "HotPath", "HotRoute", "bearer_token"]
@@ -126,14 +125,13 @@ class HotPath:
 
 class Handlers:
     """The hot handlers of one app: the same steps as the routes in
-    :mod:`optserver.api.routes.tensors`, given the app's store, service and settings."""
+    :mod:`optserver.api.routes.tensors`, given the app's service."""
 
-    def __init__(self, store: SessionStore, service: Service) -> None:
-        self.store = store
+    def __init__(self, service: Service) -> None:
         self.service = service
 
     def _open(self, request: Request, session_id: str) -> Session:
-        return self.store.open(session_id, bearer_token(request))
+        return self.service.store.open(session_id, bearer_token(request))
 
     def step(self, request: Request, session_id: str) -> Awaitable[Response] | None:
         query = request.query_params

@@ -76,10 +76,10 @@ async def read_body(
             raise BadRequest(f"invalid Content-Length {declared!r}") from None
         if size > limit:
             raise _too_large(settings, fmt, limit, json_hint, size)
-    direct = offered(request.scope) if size is not None else None
+    direct = offered(request.scope)  # only ever for a body with a Content-Length
     receiver = _Receiver(request, settings, size, direct)
     try:
-        if direct is not None and direct.size == size and not direct.claimed:
+        if direct is not None and not direct.claimed:
             direct.claim()  # the protocol reads the rest straight into the body's buffer
             await receiver.whole()
             return direct.value()

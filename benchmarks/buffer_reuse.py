@@ -10,22 +10,10 @@ taken from a BufferPool (reused once free), and into one preallocated buffer (th
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 from optserver_client.buffers import BufferPool
-
-
-def median_ms(call: Callable[[], object], repeat: int) -> float:
-    call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from timing import median_ms
 
 
 def main() -> None:

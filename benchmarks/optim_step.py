@@ -11,29 +11,16 @@ same process on the same data, and the ratio of ours to torch's fastest path.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from configs import CONFIGS
+from timing import median_ms
 
 from optserver.optim import configure_threads, create
 
 TORCH_NAMES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
                "adamw": "AdamW"}  # fmt: skip
-
-
-def median_ms(step: Callable[[], object], repeat: int) -> float:
-    for _ in range(3):  # warm up: compilation, lazily created state, page faults
-        step()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def bench_ours(config: dict[str, Any], p: np.ndarray, g: np.ndarray, repeat: int) -> float:

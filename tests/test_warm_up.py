@@ -25,7 +25,7 @@ from optserver_client import Client
 
 from optserver.api import idempotency
 from optserver.optim import OPTIMIZERS, create, kernels, warm_up
-from optserver.optim.warmup import _FAMILIES, SHARED, WarmUpThread, _flag_sets
+from optserver.optim.warmup import SHARED, WarmUpThread, _flag_sets
 from tests.live import live_server
 
 #: The first step's budget (the performance issue's).
@@ -86,9 +86,9 @@ def dispatchers() -> dict[str, Any]:
         "count_nonfinite": kernels._count_nonfinite,
         "fingerprint": idempotency._weighted_sum,
     }
-    for name, family in _FAMILIES.items():
-        for flags in _flag_sets(family.factory):
-            out[f"{name}{sorted(k for k, v in flags.items() if v)}"] = family.factory(**flags)
+    for name, cls in OPTIMIZERS.items():
+        for flags in _flag_sets(cls.kernel_factory):
+            out[f"{name}{sorted(k for k, v in flags.items() if v)}"] = cls.kernel_factory(**flags)
     return out
 
 

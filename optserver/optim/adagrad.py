@@ -106,6 +106,8 @@ class Adagrad(Optimizer[AdagradHyperparams, AdagradState]):
     name = "adagrad"
     hparams_type = AdagradHyperparams
     state_type = AdagradState
+    kernel_factory = staticmethod(adagrad_kernel)
+    scalars_type = AdagradScalars
 
     def init_tensor(self, param: np.ndarray) -> AdagradState:
         return AdagradState(sum=np.full_like(param, self.hparams.initial_accumulator_value))

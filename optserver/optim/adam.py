@@ -146,6 +146,8 @@ class Adam(Optimizer[AdamHyperparams, AdamState]):
     name = "adam"
     hparams_type = AdamHyperparams
     state_type = AdamState
+    kernel_factory = staticmethod(adam_kernel)
+    scalars_type = AdamScalars
 
     def init_tensor(self, param: np.ndarray) -> AdamState:
         state = AdamState(exp_avg=np.zeros_like(param), exp_avg_sq=np.zeros_like(param))

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import numpy as np
@@ -81,13 +81,18 @@ class Optimizer(ABC, Generic[H, S]):
 
     Over named tensors: :meth:`init`, then per update :meth:`update`, or :meth:`prepare` (the
     update's only check) and :meth:`apply`. Subclasses set :attr:`name`, :attr:`hparams_type`,
-    :attr:`state_type` and implement :meth:`init_tensor`, :meth:`_step` (which builds the
-    kernel's scalars and runs it) and, where an option adds arrays, :meth:`_complete`.
+    :attr:`state_type`, :attr:`kernel_factory`, :attr:`scalars_type` and implement
+    :meth:`init_tensor`, :meth:`_step` (which builds the kernel's scalars and runs it) and,
+    where an option adds arrays, :meth:`_complete`.
     """
 
     name: ClassVar[str]
     hparams_type: ClassVar[type[Hyperparams]]
     state_type: ClassVar[type[TensorState]]
+    #: The factory of the module's fused kernels (keyword flags -> kernel) and the type of
+    #: the scalars they take: what a warm-up compiles ahead (see optserver.optim.warmup).
+    kernel_factory: ClassVar[Callable[..., kernels.Kernel[Any]]]
+    scalars_type: ClassVar[type[tuple[Any, ...]]]
 
     def __init__(self, hparams: H | None = None, /, **options: Any) -> None:
         if hparams is not None and options:

@@ -131,6 +131,8 @@ class RMSprop(Optimizer[RMSpropHyperparams, RMSpropState]):
     name = "rmsprop"
     hparams_type = RMSpropHyperparams
     state_type = RMSpropState
+    kernel_factory = staticmethod(rmsprop_kernel)
+    scalars_type = RMSpropScalars
 
     def init_tensor(self, param: np.ndarray) -> RMSpropState:
         state = RMSpropState(square_avg=np.zeros_like(param))

@@ -109,6 +109,8 @@ class SGD(Optimizer[SGDHyperparams, SGDState]):
     name = "sgd"
     hparams_type = SGDHyperparams
     state_type = SGDState
+    kernel_factory = staticmethod(sgd_kernel)
+    scalars_type = SGDScalars
 
     def init_tensor(self, param: np.ndarray) -> SGDState:
         return SGDState()

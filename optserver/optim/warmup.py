@@ -32,14 +32,10 @@ from typing import Any
 import numpy as np
 
 from optserver.optim import kernels
-from optserver.optim.adagrad import AdagradScalars, adagrad_kernel
-from optserver.optim.adam import AdamScalars, adam_kernel
 from optserver.optim.base import magnitude_bound
 from optserver.optim.checks import FLOAT_DTYPES
 from optserver.optim.kernels import Lerp
 from optserver.optim.registry import OPTIMIZERS
-from optserver.optim.rmsprop import RMSpropScalars, rmsprop_kernel
-from optserver.optim.sgd import SGDScalars, sgd_kernel
 
 __all__ = ["SHARED", "WarmUpThread", "warm_up", "warm_up_in_background"]
 
@@ -60,15 +56,13 @@ class _Family:
     arrays: int
 
 
-_ADAM = _Family(adam_kernel, AdamScalars, 5)
-#: Each optimizer's kernels; AdamW steps with Adam's.
-_FAMILIES: dict[str, _Family] = {
-    "sgd": _Family(sgd_kernel, SGDScalars, 3),
-    "adagrad": _Family(adagrad_kernel, AdagradScalars, 3),
-    "rmsprop": _Family(rmsprop_kernel, RMSpropScalars, 5),
-    "adam": _ADAM,
-    "adamw": _ADAM,
-}
+def _families() -> dict[str, _Family]:
+    """Each optimizer's kernels, from the registry (AdamW steps with Adam's): the parameter,
+    the gradient and the state's arrays make the kernel's ``arrays``."""
+    return {
+        name: _Family(cls.kernel_factory, cls.scalars_type, 2 + len(cls.state_type.array_names()))
+        for name, cls in OPTIMIZERS.items()
+    }
 
 
 def _flag_sets(factory: Callable[..., object]) -> list[dict[str, bool]]:
@@ -134,9 +128,10 @@ def warm_up(
     one warmed already (AdamW after Adam) takes next to nothing.
     """
     names = list(OPTIMIZERS) if optimizers is None else list(optimizers)
-    unknown = [name for name in names if name not in _FAMILIES]
+    unknown = [name for name in names if name not in OPTIMIZERS]
     if unknown:
-        raise ValueError(f"unknown optimizers {unknown}; known: {', '.join(_FAMILIES)}")
+        raise ValueError(f"unknown optimizers {unknown}; known: {', '.join(OPTIMIZERS)}")
+    families = _families()
     floats = [np.dtype(d) for d in dtypes]
     if any(dtype not in FLOAT_DTYPES for dtype in floats):
         raise ValueError(f"dtypes must be float32 or float64, got {floats}")
@@ -144,7 +139,7 @@ def warm_up(
     for readonly, dtype in itertools.product((False, True), floats):
         tasks.append((SHARED, partial(_warm_shared, dtype, readonly)))
         for name in names:
-            family = _FAMILIES[name]
+            family = families[name]
             tasks += [
                 (name, partial(_warm_family, family, flags, dtype, readonly))
                 for flags in _flag_sets(family.factory)

@@ -81,7 +81,8 @@ def test_the_bound_holds_and_free_buffers_make_room() -> None:
     assert pool.held_bytes == 5 * MB
     assert pool.take(3 * MB).ctypes.data != d.ctypes.data
     del b, d
-    assert BufferPool(0).take(2 * MB).nbytes == 2 * MB
+    nothing = BufferPool(0)
+    assert nothing.take(2 * MB).nbytes == 2 * MB and nothing.held_bytes == 0
     with pytest.raises(ValueError, match="negative"):
         BufferPool(-1)
 

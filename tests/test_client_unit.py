@@ -35,6 +35,7 @@ from optserver_client import (
     StaleGradientError,
     TransportError,
     ValidationError,
+    safetensors_io,
 )
 from optserver_client._codec import (
     as_array,
@@ -42,7 +43,6 @@ from optserver_client._codec import (
     decode_safetensors,
     encode_json,
     encode_json_tensor,
-    encode_safetensors,
 )
 from optserver_client._protocol import retry_push
 from optserver_client._retry import MAX_BACKOFF, Retry, RetryPolicy
@@ -170,7 +170,7 @@ def grads() -> dict[str, np.ndarray]:
 def test_safetensors_round_trip(dtype: str, shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(0)
     array = rng.standard_normal(shape).astype(dtype)
-    document = encode_safetensors({"t": array, "u": array * 2}, {"version": "7"})
+    document = safetensors_io.encode({"t": array, "u": array * 2}, {"version": "7"})
     tensors, metadata = decode_safetensors(bytearray(document))
     assert metadata == {"version": "7"}
     for name, expected in (("t", array), ("u", array * 2)):
@@ -272,7 +272,7 @@ def test_as_array_makes_c_contiguous_little_endian_arrays() -> None:
     little = as_array(big, default=f32)
     assert little.dtype == np.dtype("<f8")
     np.testing.assert_array_equal(little, big)
-    document = encode_safetensors({"b": little}, None)
+    document = safetensors_io.encode({"b": little}, None)
     np.testing.assert_array_equal(safetensors.numpy.load(bytes(document))["b"], big)
 
 
@@ -291,7 +291,7 @@ def test_as_array_accepts_torch_tensors() -> None:
     np.testing.assert_array_equal(array, tensor.detach().numpy())
     assert as_array(torch.ones(2, dtype=torch.bfloat16), default=f32).dtype == np.float32
     assert as_array(torch.tensor(1.5), default=f32).shape == ()
-    document = encode_safetensors({"t": as_array(torch.ones(3), default=f32)}, None)
+    document = safetensors_io.encode({"t": as_array(torch.ones(3), default=f32)}, None)
     np.testing.assert_array_equal(safetensors.numpy.load(bytes(document))["t"], np.ones(3))
 
 

@@ -41,6 +41,7 @@ from optserver_client._wire import (
     WireError,
     usable,
 )
+from optserver_client.buffers import BufferPool
 from optserver_client.safetensors_io import encode, encode_parts
 
 PROPERTY_SETTINGS = settings(
@@ -636,10 +637,19 @@ def test_a_large_response_is_read_into_one_writable_buffer() -> None:
             time.sleep(0.01)  # the rest comes later, in recv_into the body itself
             peer.send(payload[100:])
 
-    with serve(big) as server, transport(server.url) as wire:
-        body = wire.request("GET", "/", None, {}).body
+    pool = BufferPool(64 << 20)
+    with serve(big) as server:
+        wire = Transport(httpx.URL(server.url), WAIT_S, pool)
+        try:
+            body = wire.request("GET", "/", None, {}).body
+        finally:
+            wire.close()
     assert bytes(body) == payload
+    # One buffer of exactly the body's size, from the allocator it was given: not assembled.
+    assert pool.held_bytes == len(payload)
     array = np.frombuffer(body, np.uint8)
+    held = pool.reuse(len(payload))
+    assert held is None  # the body is that buffer, still in use
     array[0] ^= 1  # writable
 
 
@@ -754,7 +764,7 @@ def test_a_refused_connection_is_a_connect_error() -> None:
     assert isinstance(info.value.request, httpx.Request)
 
 
-def test_an_unroutable_address_is_a_connect_timeout() -> None:
+def test_an_unroutable_address_is_a_connect_failure() -> None:
     # TEST-NET-1 (RFC 5737): no host answers; either the connect times out, or it fails at once
     # where the network has no route at all.
     limits = httpx.Timeout(WAIT_S, connect=0.1)
@@ -1134,8 +1144,10 @@ def test_the_async_transport_caps_connections_too(monkeypatch: pytest.MonkeyPatc
         try:
             first = asyncio.create_task(wire.request("GET", "/", None, {}))
             await asyncio.sleep(0.1)
+            start = time.monotonic()
             with pytest.raises(httpx.PoolTimeout):
                 await wire.request("GET", "/", None, {})
+            assert 0.25 < time.monotonic() - start < WAIT_S  # it waited for the pool timeout
             release.set()
             assert bytes((await first).body) == b"ok"
             assert bytes((await wire.request("GET", "/", None, {})).body) == b"ok"

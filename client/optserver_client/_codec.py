@@ -1,17 +1,16 @@
 """Tensors on the wire: conversion of array-likes, safetensors and JSON encodings.
 
 Arrays sent are C-contiguous, little-endian float16/float32/float64. Safetensors documents are
-written and read by :mod:`optserver_client.safetensors_io`: one copy to encode (none for a body
-sent as pieces, :func:`encode_safetensors_parts`: views of the caller's arrays), and received
-tensors are numpy views of the response body (read into a writable buffer), so the arrays are
-writable and cost no copy beyond the read itself.
+written and read by :mod:`optserver_client.safetensors_io`: a body is sent as pieces, views of
+the caller's arrays (``encode_parts``: no copy to encode), and received tensors are numpy
+views of the response body (read into a writable buffer), so the arrays are writable and cost
+no copy beyond the read itself.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -37,8 +36,6 @@ __all__ = [
     "dtype_of",
     "encode_json",
     "encode_json_tensor",
-    "encode_safetensors",
-    "encode_safetensors_parts",
     "is_wire_float",
 ]
 
@@ -94,21 +91,6 @@ def _to_numpy(value: object) -> tuple[Array, bool]:
     if array.dtype.kind not in "biuf":
         raise TypeError(f"cannot use a {type(value).__name__} as a tensor")
     return array, False
-
-
-def encode_safetensors(
-    tensors: Mapping[str, Array], metadata: Mapping[str, str] | None
-) -> memoryview:
-    """A safetensors document of ``tensors`` (as from :func:`as_array`) and string metadata."""
-    return safetensors_io.encode(tensors, metadata)
-
-
-def encode_safetensors_parts(
-    tensors: Mapping[str, Array], metadata: Mapping[str, str] | None
-) -> tuple[Buffer, ...]:
-    """The document of :func:`encode_safetensors` as its header followed by views of the
-    arrays' bytes, for a scatter-gather send (the same bytes, without joining them)."""
-    return tuple(safetensors_io.encode_parts(tensors, metadata))
 
 
 def decode_safetensors(body: Buffer) -> tuple[dict[str, Array], dict[str, str]]:

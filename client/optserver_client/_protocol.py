@@ -28,7 +28,6 @@ from optserver_client._codec import (
     dtype_of,
     encode_json,
     encode_json_tensor,
-    encode_safetensors_parts,
 )
 from optserver_client._retry import Retry
 from optserver_client.exceptions import (
@@ -37,7 +36,7 @@ from optserver_client.exceptions import (
     StaleGradientError,
     error_from_parts,
 )
-from optserver_client.safetensors_io import Buffer, allocate
+from optserver_client.safetensors_io import Buffer, allocate, encode_parts
 from optserver_client.vocabulary import (
     APPLIED_KEY,
     BASE_VERSION_KEY,
@@ -351,7 +350,7 @@ class SessionCore:
             tensors.update({PARAMS_PREFIX + n: a for n, a in param_arrays.items()})
             metadata = {k: repr(v) if isinstance(v, float) else str(v) for k, v in scalars.items()}
             # Pieces, not one joined document: the arrays' own bytes are sent (scatter-gather).
-            content: Buffer | tuple[Buffer, ...] = encode_safetensors_parts(tensors, metadata)
+            content: Buffer | tuple[Buffer, ...] = encode_parts(tensors, metadata)
             content_type = BINARY
         else:
             body: dict[str, Any] = {"grads": _json_tensors(grad_arrays)}
@@ -396,7 +395,7 @@ class SessionCore:
             raise ValueError("set_params needs at least one tensor")
         content: Buffer | tuple[Buffer, ...]
         if self.client.binary:
-            content, content_type = encode_safetensors_parts(arrays, None), BINARY
+            content, content_type = encode_parts(arrays, None), BINARY
         else:
             body = {"params": _json_tensors(arrays), "dtype": _common_dtype(arrays).name}
             content, content_type = encode_json(body), JSON

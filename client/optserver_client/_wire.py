@@ -272,7 +272,6 @@ class _Pool:
         self._idle: list[socket.socket] = []
         self._closed = False
         self._body = allocate if buffers is None else buffers.allocate  # response bodies
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def close(self) -> None:
         with self._lock:
@@ -363,6 +362,15 @@ _KINDS: dict[str, tuple[type[httpx.TransportError], type[httpx.TransportError]]]
 class Transport(_Pool):
     """Blocking requests over pooled keep-alive sockets."""
 
+    def __init__(
+        self,
+        url: httpx.URL,
+        timeout: float | httpx.Timeout | None,
+        buffers: BufferPool | None = None,
+    ) -> None:
+        super().__init__(url, timeout, buffers)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
     def request(
         self,
         method: str,
@@ -407,7 +415,14 @@ class Transport(_Pool):
 class AsyncTransport(_Pool):
     """The same over non-blocking sockets, with the running asyncio event loop."""
 
-    _async_slots: asyncio.Semaphore | None = None  # made in the loop that first uses it
+    def __init__(
+        self,
+        url: httpx.URL,
+        timeout: float | httpx.Timeout | None,
+        buffers: BufferPool | None = None,
+    ) -> None:
+        super().__init__(url, timeout, buffers)
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)  # bound to a loop at its first wait
 
     async def request(
         self,
@@ -419,18 +434,15 @@ class AsyncTransport(_Pool):
     ) -> Response:
         target, views = self._prepare(method, path, params, headers, body)
         loop = asyncio.get_running_loop()
-        if self._async_slots is None:
-            self._async_slots = asyncio.Semaphore(MAX_CONNECTIONS)
-        slots = self._async_slots
         try:
             async with asyncio.timeout(self._pool_timeout):
-                await slots.acquire()
+                await self._slots.acquire()
         except TimeoutError:
             raise self._pool_exhausted(method, target) from None
         try:
             return await self._request(loop, method, target, views)
         finally:
-            slots.release()
+            self._slots.release()
 
     async def _request(
         self, loop: asyncio.AbstractEventLoop, method: str, target: str, views: list[memoryview]

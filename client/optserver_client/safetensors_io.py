@@ -104,7 +104,7 @@ def header_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] 
 
 def encode_parts(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
-) -> list[bytes | memoryview]:
+) -> tuple[bytes | memoryview, ...]:
     """The document of :func:`encode` as pieces to send in order: the header, then each tensor's
     little-endian bytes. A C-contiguous little-endian array is not copied (its piece is a view of
     it: it must not change until the pieces are sent); any other is copied once."""
@@ -113,7 +113,7 @@ def encode_parts(
         data = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
         if data.nbytes:
             parts.append(data.reshape(-1).view(np.uint8).data)
-    return parts
+    return tuple(parts)
 
 
 def encode(

@@ -336,8 +336,9 @@ class Optimizer(ABC, Generic[H, S]):
                     f"{self.name} state): nothing was changed",
                     tensor=name,
                 )
+        unguarded = set(grads).difference(guarded)
         for name in grads:
-            if name in guarded:
+            if name not in unguarded:
                 continue
             self._apply(params[name], grads[name], state[name], rate)  # type: ignore[arg-type]
             # output_bound says this cannot happen; if it did, the bound has a bug.

@@ -135,7 +135,7 @@ class SGD(Optimizer[SGDHyperparams, SGDState]):
     ) -> bool:  # fmt: skip
         h, dt = self.hparams, p.dtype.type
         first = state.momentum_buffer is None
-        if h.momentum != 0 and state.momentum_buffer is None:
+        if h.momentum != 0 and first:
             state.momentum_buffer = np.empty_like(p)
         scalars = SGDScalars(
             neg_lr=dt(-lr),

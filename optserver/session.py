@@ -46,7 +46,6 @@ from optserver.frozen import Frozen
 from optserver.modes import Mode
 from optserver.optim import Optimizer, OptState, Plan
 from optserver.optim.errors import NonFiniteStep
-from optserver.optim.kernels import count_nonfinite
 from optserver.optim.schedules import Schedule, create_schedule
 from optserver.push import Outcome, Push, Recorder, RoundMember
 from optserver.replay import ReplayCache
@@ -341,7 +340,7 @@ class Session:
             state = self.state[name] = self.optimizer.restore_tensor(
                 param, step=step, arrays=arrays
             )
-            state.nonfinite = bool(count_nonfinite(param)) or state.holds_nonfinite()
+            state.nonfinite = state.holds_nonfinite(param)
 
     def _register(self, name: str, value: np.ndarray) -> None:
         param = np.array(value, dtype=param_dtype(value.dtype), order="C", copy=True)

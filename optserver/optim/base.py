@@ -142,9 +142,7 @@ class Optimizer(ABC, Generic[H, S]):
         )
         state.unchecked = outside
         # Inside the bound means finite; outside is rare (values near the edge): look closer.
-        state.nonfinite = outside and (
-            bool(kernels.count_nonfinite(param)) or state.holds_nonfinite()
-        )
+        state.nonfinite = outside and state.holds_nonfinite(param)
         return outside
 
     @abstractmethod

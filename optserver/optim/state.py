@@ -62,8 +62,10 @@ class TensorState:
             else:
                 setattr(self, name, value)  # step, flags, or an array the step allocated
 
-    def holds_nonfinite(self) -> bool:
-        return any(kernels.count_nonfinite(a) for a in self.arrays().values())
+    def holds_nonfinite(self, param: np.ndarray | None = None) -> bool:
+        """Whether NaN or Inf is in the state's arrays, or in ``param`` (its tensor) if given."""
+        arrays = [*self.arrays().values(), *([] if param is None else [param])]
+        return any(kernels.count_nonfinite(a) for a in arrays)
 
     @property
     def nbytes(self) -> int:

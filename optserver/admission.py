@@ -27,7 +27,8 @@ from optserver.errors import (
     UnprocessableContent,
 )
 from optserver.optim import FLOAT_DTYPES, HyperparameterError, Plan, TensorError, TensorSpec
-from optserver.optim.base import check_fits, magnitude_bound
+from optserver.optim.base import magnitude_bound
+from optserver.optim.checks import check_fits
 from optserver.optim.kernels import count_nonfinite, scan
 from optserver.push import Push
 

@@ -159,9 +159,10 @@ def test_a_push_is_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:
     applies that plan without checking it again."""
     import optserver.admission as admission
     import optserver.optim.base as base
+    import optserver.optim.checks as checks
 
     calls = {"grad": 0, "lr": 0, "fits": 0}
-    check_grad, check_lr, check_fits = base.check_grad, base.Optimizer.check_lr, base.check_fits
+    check_grad, check_lr, check_fits = checks.check_grad, base.Optimizer.check_lr, checks.check_fits
 
     def counting_fits(*args: object) -> None:
         calls["fits"] += 1

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from optserver.optim.adagrad import Adagrad, AdagradHyperparams, AdagradState
 from optserver.optim.adam import Adam, AdamHyperparams, AdamState, AdamW, AdamWHyperparams
-from optserver.optim.base import FLOAT_DTYPES, Optimizer, OptState, TensorState
-from optserver.optim.checks import Plan, TensorSpec
+from optserver.optim.base import Optimizer
+from optserver.optim.checks import FLOAT_DTYPES, Plan, TensorSpec
 from optserver.optim.errors import HyperparameterError, OptimError, TensorError
 from optserver.optim.hparams import Hyperparams
 from optserver.optim.kernels import configure_threads
@@ -36,6 +36,7 @@ from optserver.optim.schedules import (
     create_schedule,
 )
 from optserver.optim.sgd import SGD, SGDHyperparams, SGDState
+from optserver.optim.state import OptState, TensorState
 from optserver.optim.warmup import WarmUpThread, warm_up, warm_up_in_background
 
 __all__ = [

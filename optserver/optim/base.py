@@ -37,10 +37,8 @@ import numpy as np
 
 from optserver.optim import kernels
 from optserver.optim.checks import (
-    FLOAT_DTYPES,
     Plan,
     TensorSpec,
-    check_fits,
     check_grad,
     check_param,
     check_param_dtype,
@@ -49,18 +47,7 @@ from optserver.optim.errors import HyperparameterError, NonFiniteStep, TensorErr
 from optserver.optim.hparams import Hyperparams, _coerce, require
 from optserver.optim.state import OptState, TensorState
 
-__all__ = [
-    "FLOAT_DTYPES",
-    "OptState",
-    "Optimizer",
-    "Plan",
-    "TensorSpec",
-    "TensorState",
-    "check_fits",
-    "check_grad",
-    "check_param",
-    "magnitude_bound",
-]
+__all__ = ["Optimizer", "magnitude_bound"]
 
 #: An output bound at most this fraction of ``finfo.max`` leaves room for rounding.
 _HEADROOM = 1 / 16

@@ -71,8 +71,9 @@ class ResponseParser:
 
     ``feed`` takes whatever arrived, ``feed_eof`` tells that the peer closed. A Content-Length
     body lands in one buffer from ``allocate`` (a client's
-    :class:`~optserver_client.buffers.BufferPool`); while it is due, the I/O layer may read into
-    :meth:`body_window` itself and report the count to :meth:`body_received`.
+    :class:`~optserver_client.buffers.BufferPool`). The I/O layer reads into
+    :meth:`read_buffer` and reports the count to :meth:`received`: while such a body is due, that
+    is the body's buffer itself (no copy); before, bytes land in scratch and are fed.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class ResponseParser:
         self._head_bytes = 0
         self._fields = 0
         self._fixed: memoryview | None = None
+        self._scratch: memoryview | None = None  # see read_buffer
         self._grown = bytearray()
         self._filled = 0
         self._left = 0  # bytes still due of the Content-Length body or of the current chunk
@@ -138,6 +140,26 @@ class ResponseParser:
         if self._state != _FIXED or self._fixed is None:
             return None
         return self._fixed[self._filled :]
+
+    def read_buffer(self) -> memoryview:
+        """Where the I/O layer reads next: the body's own buffer while a Content-Length body is
+        due, else a scratch buffer whose bytes :meth:`received` parses (and copies out)."""
+        window = self.body_window()
+        if window is not None:
+            return window
+        if self._scratch is None:
+            self._scratch = allocate(_SCRATCH)
+        return self._scratch
+
+    def received(self, count: int) -> None:
+        """``count`` bytes were read into the last :meth:`read_buffer` (0: the peer closed)."""
+        if not count:
+            self.feed_eof()
+        elif self.body_window() is not None:
+            self.body_received(count)
+        else:
+            assert self._scratch is not None
+            self.feed(self._scratch[:count])
 
     def body_received(self, count: int) -> None:
         self._filled += count
@@ -390,14 +412,8 @@ class Transport(_Pool):
             failed = _send(sock, views)
             phase = "read"
             _settimeout(sock, self._read)
-            scratch: memoryview | None = None
             while not parser.done:
-                window = parser.body_window()
-                if window is None:
-                    scratch = scratch if scratch is not None else allocate(_SCRATCH)
-                into = window if window is not None else scratch
-                assert into is not None
-                _received(parser, window, into, sock.recv_into(into))
+                parser.received(sock.recv_into(parser.read_buffer()))
             return parser.response()
         except (OSError, WireError) as error:
             raise self._error(phase, method, target, parser, error, failed) from error
@@ -453,19 +469,14 @@ class AsyncTransport(_Pool):
             phase = "write"
             failed = await self._send(loop, sock, views)
             phase = "read"
-            scratch: memoryview | None = None
             while not parser.done:
-                window = parser.body_window()
-                if window is None:
-                    scratch = scratch if scratch is not None else allocate(_SCRATCH)
-                into = window if window is not None else scratch
-                assert into is not None
+                into = parser.read_buffer()
                 try:  # what has arrived already needs no trip through the event loop
                     count = sock.recv_into(into)
                 except BlockingIOError:
                     async with asyncio.timeout(self._read):
                         count = await loop.sock_recv_into(sock, into)
-                _received(parser, window, into, count)
+                parser.received(count)
             return parser.response()
         except (OSError, WireError) as error:
             raise self._error(phase, method, target, parser, error, failed) from error
@@ -538,18 +549,6 @@ def _reusable(parser: ResponseParser, failed: OSError | None, views: list[memory
     if failed is not None or not parser.done or not parser.keep_alive:
         return False
     return parser.status < 400 or len(views) == 1
-
-
-def _received(
-    parser: ResponseParser, window: memoryview | None, into: memoryview, count: int
-) -> None:
-    """Hand ``count`` bytes read into ``into`` (the body window, or scratch) to ``parser``."""
-    if not count:
-        parser.feed_eof()
-    elif window is not None:
-        parser.body_received(count)
-    else:
-        parser.feed(into[:count])
 
 
 def _advance(views: list[memoryview], first: int, sent: int) -> int:

@@ -48,8 +48,8 @@ _LENGTH = re.compile(r"[0-9]{1,18}")
 _NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00\r\n]")
 _PATH_SAFE = "/%:@!$&'()*+,;="
-_OWN = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection"})
+_OWN = _FRAMING | {"host"}  # request headers the transport writes itself
 _HEAD, _FIXED, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_EOF, _DONE = range(8)
 
 

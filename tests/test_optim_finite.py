@@ -124,3 +124,24 @@ def test_guarded_and_unguarded_steps_agree_near_the_bound() -> None:
         opt.update(grad, mirror_state, mirror)
         assert state["w"].unchecked
     assert _snapshot(params, state) == _snapshot(mirror, mirror_state)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    values=st.lists(
+        st.sampled_from([*EDGES, np.nan, np.inf, -np.inf, 6e4, 1e300]), min_size=0, max_size=40
+    ),
+    readonly=st.booleans(),
+)
+def test_scan_counts_nonfinite_and_finds_values_outside_the_bound(
+    dtype: Any, values: list[float], readonly: bool
+) -> None:
+    with np.errstate(over="ignore"):
+        array = np.array(values, dtype=dtype)
+    array.flags.writeable = not readonly
+    bound = magnitude_bound(array.dtype)
+    wide = array.astype(np.float64)
+    expected = (int(np.count_nonzero(~np.isfinite(wide))), bool(not (np.abs(wide) <= bound).all()))
+    assert scan(array, bound) == expected
+    assert scan(array[::2], bound) == scan(array[::2].copy(), bound)  # strided: same answer

@@ -82,7 +82,7 @@ def test_without_the_warm_up_the_first_step_compiles(tmp_path: Path) -> None:
 def dispatchers() -> dict[str, Any]:
     """Every numba function the server runs, by a readable name."""
     out: dict[str, Any] = {
-        "scan": kernels._scan,
+        "scan": kernels._outside,
         "count_nonfinite": kernels._count_nonfinite,
         "fingerprint": idempotency._weighted_sum,
     }
@@ -134,6 +134,7 @@ def test_every_configuration_finds_its_kernels_ready() -> None:
             opt = opt.with_options(change)
         opt.update({"w": grad}, state, params)
         kernels.scan(grad, 1.0)
+        kernels.scan(np.full_like(grad, np.nan), 1.0)  # the count after the check
         kernels.count_nonfinite(grad)
         idempotency.fingerprint(grad.tobytes(), "", "")
     after = signatures()

@@ -397,8 +397,7 @@ class _OneWrite:
         elif len(data) <= self.JOIN_BYTES:
             self.transport.write(head + data)
         else:
-            self.transport.write(head)
-            self.transport.write(data)
+            self.transport.writelines((head, data))
 
     def close(self) -> None:
         head, self.head = self.head, None

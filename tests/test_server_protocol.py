@@ -8,7 +8,7 @@ must not wait for the response), pipelined requests, and answers with an empty b
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 
@@ -20,11 +20,17 @@ class Recording:
     """A transport that records what is written to it."""
 
     def __init__(self) -> None:
-        self.writes: list[bytes] = []
+        self.writes: list[bytes] = []  # each call's bytes, joined
+        self.pieces: list[list[bytes | bytearray | memoryview]] = []  # each call's buffers, as given
         self.closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append(bytes(data))
+        self.writelines([data])
+
+    def writelines(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
+        given = list(pieces)
+        self.pieces.append(given)
+        self.writes.append(b"".join(bytes(p) for p in given))
 
     def close(self) -> None:
         self.closed = True
@@ -48,12 +54,13 @@ def test_the_head_goes_out_with_a_small_body() -> None:
     assert recording.writes[-1] == b"more"
 
 
-def test_a_large_body_is_written_after_the_head_not_joined() -> None:
+def test_a_large_body_goes_out_with_the_head_in_one_call_uncopied() -> None:
     one, recording = wrapped()
-    body = bytes(_OneWrite.JOIN_BYTES + 1)
+    body = memoryview(bytearray(_OneWrite.JOIN_BYTES + 1))
     one.write(b"head")
     one.write(body)
-    assert recording.writes == [b"head", body]
+    assert recording.writes == [b"head" + body]
+    assert recording.pieces[0][1] is body  # a writev of both: the body is not joined
 
 
 def test_closing_before_the_body_still_sends_the_head() -> None:

@@ -374,7 +374,7 @@ class _OneWrite:
     """The transport as one response sees it: the status line and headers are held back and go
     out with the body, in one write (one syscall, and with TCP_NODELAY one segment where
     uvicorn's two writes make two, which the client reads with two wake-ups). Large bodies are
-    written after the head, not joined to it: one more syscall is nothing next to copying them.
+    not joined to the head (that would copy them) but go out with it in one ``writev``.
 
     Its only user is uvicorn's response cycle (write, close, is_closing), which writes every
     answer's body, an empty one too, except a HEAD request's: those are not given one."""

@@ -21,7 +21,9 @@ class Recording:
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []  # each call's bytes, joined
-        self.pieces: list[list[bytes | bytearray | memoryview]] = []  # each call's buffers, as given
+        self.pieces: list[
+            list[bytes | bytearray | memoryview]
+        ] = []  # each call's buffers, as given
         self.closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "Unauthorized",
     "UnprocessableContent",
     "UnsupportedMediaType",
+    "invalid_fields",
     "problem_type",
 ]
 
@@ -220,3 +221,17 @@ class RequestTimeout(ProblemError):
     status = 408
     slug = ProblemSlug.REQUEST_TIMEOUT
     title = "Request timeout"
+
+
+def invalid_fields(error: Any, where: str = "") -> UnprocessableContent:
+    """A pydantic ``ValidationError`` as a 422 that names each field and what is wrong with it
+    (``errors``: loc, msg, type), never the value sent (it may be a secret); ``where`` prefixes
+    the locations (e.g. the metadata key of an embedded document)."""
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+    first = errors[0]
+    field = ".".join(str(p) for p in first["loc"])
+    place = ": ".join(part for part in (where, field) if part) or "body"
+    return UnprocessableContent(
+        f"{place}: {first['msg']}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+        errors=errors,
+    )

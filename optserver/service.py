@@ -186,6 +186,9 @@ class Service:
                 schedule=spec.schedule,
                 nonfinite=spec.nonfinite or settings.nonfinite,
                 params=params,
+                id=spec.id,
+                token=spec.token,
+                sharding=spec.sharding,
                 dtype=dtype,
             )
             self.store.sync()

@@ -50,6 +50,7 @@ from optserver.optim.schedules import Schedule, create_schedule
 from optserver.push import Outcome, Push, Recorder, RoundMember
 from optserver.replay import ReplayCache
 from optserver.replies import Answer
+from optserver.sharding import Sharding
 from optserver.workers import StalenessHistogram, WorkerBook
 
 __all__ = ["KEEP", "SKIPPED", "Session", "SessionLimits"]
@@ -91,8 +92,11 @@ class Session:
         limits: SessionLimits,
         token_digest: bytes,
         id: str | None = None,
+        sharding: Sharding | None = None,
     ) -> None:
         self.id = id or uuid.uuid4().hex
+        #: Its part of a sharded session (see :mod:`optserver.sharding`), or None.
+        self.sharding = sharding
         self.name = name
         self.optimizer = optimizer
         self.schedule = schedule
@@ -197,6 +201,7 @@ class Session:
                 "memory_bytes": self.memory_bytes,
                 "created_at": self.created_at,
                 "updated_at": self.updated_at,
+                "sharding": None if self.sharding is None else self.sharding.model_dump(),
             }
 
     def counters(self) -> Counter[str]:

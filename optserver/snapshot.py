@@ -23,12 +23,22 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from optserver_client.vocabulary import BINARY, ProblemSlug
+from optserver_client.vocabulary import (
+    BINARY,
+    PARAMS_PREFIX,
+    STATE_FORMAT,
+    STATE_FORMAT_KEY,
+    STATE_IDENTITY_KEY,
+    STATE_PREFIX,
+    STATE_RECORD_KEY,
+    ProblemSlug,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from optserver import auth
 from optserver.admission import hyper
 from optserver.config import NonFinitePolicy
-from optserver.errors import BadRequest, InvalidTensor, UnprocessableContent
+from optserver.errors import BadRequest, InvalidTensor, UnprocessableContent, invalid_fields
 from optserver.frozen import Frozen
 from optserver.modes import Mode
 from optserver.optim import OptimError
@@ -37,10 +47,12 @@ from optserver.optim.schedules import create_schedule
 from optserver.replay import Remembered
 from optserver.replies import Returns
 from optserver.session import Session, SessionLimits
+from optserver.sharding import SESSION_ID_PATTERN, TOKEN_PATTERN, Sharding
 from optserver.store import SessionStore
 
 __all__ = [
     "FORMAT",
+    "IDENTITY_KEY",
     "SessionRecord",
     "export_session",
     "import_session",
@@ -48,9 +60,11 @@ __all__ = [
     "split_tensors",
 ]
 
-FORMAT = "1"
-RECORD_KEY = "optserver.session"
-FORMAT_KEY = "optserver.format"
+FORMAT = STATE_FORMAT
+RECORD_KEY = STATE_RECORD_KEY
+FORMAT_KEY = STATE_FORMAT_KEY
+#: Of an import document only: the id and token the new session gets (JSON, see Identity).
+IDENTITY_KEY = STATE_IDENTITY_KEY
 
 
 class MemoEntry(BaseModel):
@@ -76,6 +90,16 @@ class Private(BaseModel):
     updated_at: float = 0.0
 
 
+class Identity(BaseModel):
+    """The id and token an import may choose, as a creation may (a sharded session's shards
+    share both): the import document's ``__metadata__[IDENTITY_KEY]``, never in an export."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    token: str | None = Field(None, pattern=TOKEN_PATTERN)
+
+
 class SessionRecord(BaseModel):
     """The JSON part of an export."""
 
@@ -92,6 +116,7 @@ class SessionRecord(BaseModel):
     pushes_received: int = Field(0, ge=0)
     rejected: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     created_at: float = 0.0
+    sharding: Sharding | None = None
     private: Private | None = None
 
 
@@ -112,9 +137,9 @@ def session_tensors(
     are immutable."""
     tensors: dict[str, np.ndarray] = {}
     for name, param in session.params.items():
-        tensors[f"params/{name}"] = param
+        tensors[PARAMS_PREFIX + name] = param
         for field, array in session.state[name].arrays().items():
-            tensors[f"state/{name}/{field}"] = array
+            tensors[f"{STATE_PREFIX}{name}/{field}"] = array
     extra = None
     if private:
         memo = []
@@ -153,6 +178,7 @@ def session_tensors(
         pushes_received=session.pushes_received,
         rejected=dict(session.rejected),
         created_at=session.created_at,
+        sharding=session.sharding,
         private=extra,
     )
     return tensors, record
@@ -161,8 +187,10 @@ def session_tensors(
 def parse_record(raw: str | bytes) -> SessionRecord:
     try:
         return SessionRecord.model_validate(orjson.loads(raw))
-    except (orjson.JSONDecodeError, ValidationError) as exc:
-        raise UnprocessableContent(f"invalid session record in the export: {exc}") from None
+    except orjson.JSONDecodeError as exc:
+        raise UnprocessableContent(f"{RECORD_KEY!r} in the export is not JSON: {exc}") from None
+    except ValidationError as exc:
+        raise invalid_fields(exc, RECORD_KEY) from None
 
 
 def split_tensors(
@@ -174,9 +202,9 @@ def split_tensors(
     memo: dict[int, np.ndarray] = {}
     for key, array in tensors.items():
         kind, _, rest = key.partition("/")
-        if kind == "params" and rest:
+        if kind + "/" == PARAMS_PREFIX and rest:
             params[rest] = array
-        elif kind == "state" and "/" in rest:
+        elif kind + "/" == STATE_PREFIX and "/" in rest:
             tensor, _, field = rest.rpartition("/")
             arrays.setdefault(tensor, {})[field] = array
         elif kind == "memo" and rest.isdigit():
@@ -193,10 +221,12 @@ def restore_session(
     *,
     token_digest: bytes | None = None,
     name: str | None = None,
+    id: str | None = None,
 ) -> Session:
     """A session rebuilt from a record and its tensors; raises (a problem) if anything is off.
 
-    Without ``token_digest`` the record's private part (id, digest, memory) is used.
+    Without ``token_digest`` the record's private part (id, digest, memory) is used; with it,
+    ``id`` (default: a new one).
     """
     params, arrays, memo = split_tensors(tensors)
     if token_digest is None and record.private is None:
@@ -215,7 +245,8 @@ def restore_session(
         nonfinite=record.nonfinite,
         limits=limits,
         token_digest=token_digest or bytes.fromhex(private.token_digest if private else ""),
-        id=None if private is None else private.id,
+        id=id if private is None else private.id,
+        sharding=record.sharding,
     )
     with session.locked():
         nonfinite, session.nonfinite = session.nonfinite, "allow"  # restore what was there
@@ -273,7 +304,8 @@ def import_session(
     *,
     name: str | None = None,
 ) -> tuple[Session, str]:
-    """A new session (new id and token) from an export; nothing is created if anything is off."""
+    """A new session from an export (a new id and token, or those of ``IDENTITY_KEY`` in its
+    metadata); nothing is created if anything is off."""
     if metadata.get(FORMAT_KEY) != FORMAT or RECORD_KEY not in metadata:
         raise BadRequest(
             f"not an optserver state export: __metadata__ needs {FORMAT_KEY!r} = {FORMAT!r} "
@@ -281,7 +313,25 @@ def import_session(
         )
     record = parse_record(metadata[RECORD_KEY])
     record.private = None  # an import is a new session: never another server's identity
-    token, digest = store.new_token()
-    session = restore_session(record, tensors, store.limits, token_digest=digest, name=name)
+    identity = parse_identity(metadata.get(IDENTITY_KEY))
+    token, digest = (
+        store.new_token() if identity.token is None
+        else (identity.token, auth.digest(identity.token))
+    )  # fmt: skip
+    session = restore_session(
+        record, tensors, store.limits, token_digest=digest, name=name, id=identity.id
+    )
     store.add(session)
     return session, token
+
+
+def parse_identity(raw: str | None) -> Identity:
+    """The id and token an import asks for (each optional), from ``IDENTITY_KEY``."""
+    if raw is None:
+        return Identity()
+    try:
+        return Identity.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise UnprocessableContent(f"{IDENTITY_KEY!r} in the import is not JSON: {exc}") from None
+    except ValidationError as exc:
+        raise invalid_fields(exc, IDENTITY_KEY) from None

@@ -38,6 +38,7 @@ from optserver.optim import create
 from optserver.optim.schedules import create_schedule
 from optserver.push import Outcome, Push, Recorder, RoundMember
 from optserver.session import KEEP, Session, SessionLimits
+from optserver.sharding import Sharding
 
 __all__ = [
     "KEEP",
@@ -155,12 +156,15 @@ class SessionStore:
         nonfinite: NonFinitePolicy = "reject",
         params: Mapping[str, np.ndarray] | None = None,
         id: str | None = None,
+        token: str | None = None,
+        sharding: Sharding | None = None,
         dtype: np.dtype[Any] | None = None,
     ) -> tuple[Session, str]:
-        """A new session and its token (the only time the token is seen in clear). ``dtype``:
-        the weights' dtype the session is declared for (its hyperparameters must be finite
-        in it)."""
-        token, digest = self.new_token()
+        """A new session and its token (the only time the token is seen in clear; ``token``
+        chooses it, as ``id`` the id). ``dtype``: the weights' dtype the session is declared
+        for (its hyperparameters must be finite in it). ``sharding``: its part of a sharded
+        session."""
+        token, digest = self.new_token() if token is None else (token, auth.digest(token))
         built = hyper(partial(create, optimizer))
         if dtype is not None:
             hyper(partial(built.check_dtype, param_dtype(dtype)))
@@ -173,6 +177,7 @@ class SessionStore:
             limits=self.limits,
             token_digest=digest,
             id=id,
+            sharding=sharding,
         )
         session.total_bytes = self.total_bytes
         if params:
@@ -198,6 +203,8 @@ class SessionStore:
                 )
             if session.id in self._sessions:
                 raise Conflict(f"session {session.id} exists already")
+            if session.token_digest in self._owners:  # a chosen token: one session per token
+                raise Conflict("the token opens another session here already; choose another")
             if self.recorder is not None:
                 with session.locked():
                     self.recorder.created(session)

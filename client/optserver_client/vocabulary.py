@@ -1,6 +1,7 @@
 """The protocol's names, defined once, for the server and every client.
 
-Media types, header names, the safetensors metadata keys and tensor-name prefix of a step body,
+Media types, header names, the safetensors metadata keys and tensor-name prefixes of a step
+body and of a state export,
 the ``return`` modes of a step, and the problem types (``urn:optserver:problem:<slug>``) that
 errors are answered with. The server depends on this distribution, so both sides read the same
 constants: a name changed here changes on both sides, and a client maps a problem by its exact
@@ -16,6 +17,7 @@ __all__ = [
     "APPLIED_KEY",
     "BASE_VERSION_KEY",
     "BINARY",
+    "CHUNK_SEPARATOR",
     "IDEMPOTENCY_KEY_HEADER",
     "JSON",
     "LR_KEY",
@@ -25,6 +27,11 @@ __all__ = [
     "REPLAYED_HEADER",
     "RETRY_AFTER_HEADER",
     "RETURN_MODES",
+    "STATE_FORMAT",
+    "STATE_FORMAT_KEY",
+    "STATE_IDENTITY_KEY",
+    "STATE_PREFIX",
+    "STATE_RECORD_KEY",
     "VERSION_HEADER",
     "VERSION_KEY",
     "WORKER_KEY",
@@ -61,6 +68,18 @@ WORKER_KEY = "worker"
 VERSION_KEY = "version"
 #: Of a step's answer: whether the push was applied (``"true"``/``"false"``).
 APPLIED_KEY = "applied"
+
+# --- a state export (``GET .../state``, ``POST /v1/sessions/import``) ----------------------------
+#: Weights are ``params/NAME`` (:data:`PARAMS_PREFIX`), optimizer state ``state/NAME/FIELD``.
+STATE_PREFIX = "state/"
+#: ``__metadata__`` keys: the format's version, the session's record (JSON), and, in an import
+#: only, the id and token the new session is to have (JSON ``{"id": ..., "token": ...}``).
+STATE_FORMAT_KEY = "optserver.format"
+STATE_FORMAT = "1"
+STATE_RECORD_KEY = "optserver.session"
+STATE_IDENTITY_KEY = "optserver.identity"
+#: A chunk of a tensor cut over the shards of a sharded session is the tensor ``NAME#k``.
+CHUNK_SEPARATOR = "#"
 
 # --- what a step answers with (``?return=``) ----------------------------------------------------
 ReturnMode: TypeAlias = Literal["stepped", "all", "none"]

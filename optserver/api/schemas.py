@@ -15,8 +15,9 @@ from optserver_client.vocabulary import BINARY, JSON, PROBLEM, ProblemSlug
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from optserver.config import NonFinitePolicy
-from optserver.errors import BadRequest, UnprocessableContent
+from optserver.errors import BadRequest, invalid_fields
 from optserver.modes import Mode
+from optserver.sharding import SESSION_ID_PATTERN, TOKEN_PATTERN, Sharding
 from optserver.wire import Buffer
 
 __all__ = [
@@ -96,6 +97,21 @@ class CreateSessionRequest(_Body):
     nonfinite: NonFinitePolicy | None = Field(
         None, description="NaN/Inf gradients: reject (422), skip (acknowledge, apply nothing) "
         "or allow. Default: the server's setting."
+    )  # fmt: skip
+    id: str | None = Field(
+        None, pattern=SESSION_ID_PATTERN,
+        description="The session's id (default: a new random one); 409 if it exists. A "
+        "sharded session has the same id on every shard.",
+    )  # fmt: skip
+    token: str | None = Field(
+        None, pattern=TOKEN_PATTERN,
+        description="The session's bearer token (default: a new random one): at least 32 "
+        "URL-safe characters; 409 if it opens another session here. A sharded session has "
+        "the same token on every shard.",
+    )  # fmt: skip
+    sharding: Sharding | None = Field(
+        None, description="This server's part of a sharded session (kept and shown, not "
+        "interpreted: the client places the tensors)."
     )  # fmt: skip
 
 
@@ -197,6 +213,10 @@ class SessionInfo(_Out):
     memory_bytes: int
     created_at: float
     updated_at: float
+    sharding: Sharding | None = Field(
+        None, description="This server's part of a sharded session; null for a session of one "
+        "server."
+    )  # fmt: skip
 
 
 class SessionCreated(SessionInfo):
@@ -250,14 +270,7 @@ def parse_json(model: type[M], body: Buffer) -> M:
     try:
         return model.model_validate(data, strict=True)  # as documented: no "5" or true for 5
     except ValidationError as exc:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        first = errors[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise UnprocessableContent(
-            f"{where}: {first['msg']}"
-            + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-            errors=errors,
-        ) from None
+        raise invalid_fields(exc) from None
 
 
 _BINARY_SCHEMA = {"type": "string", "format": "binary"}

@@ -39,8 +39,11 @@ async def export_state(request: Request, session: SessionDep, service: ServiceDe
     status_code=201,
     dependencies=[AdminDep, AcceptsJSON],
     summary="Create a session from an export",
-    description="The new session (new id and token) continues bit for bit where the exported "
-    "one stood.",
+    description="The new session continues bit for bit where the exported one stood. It gets a "
+    "new id and token, unless the document's __metadata__ has 'optserver.identity': JSON "
+    '{"id": ..., "token": ...} (either optional, as the create request\'s id and token; 409 if '
+    "the id exists or the token opens another session): how the shards of a sharded session, "
+    "which share one id and token, are imported.",
     openapi_extra={**request_body(None, EXPORT), **ADMIN_SECURITY},
     responses=responses(SessionCreated, status=201),
 )

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-__all__ = ["EmbeddedServer", "embedded_server", "free_port"]
+__all__ = ["EmbeddedServer", "embedded_server", "embedded_shards", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -83,3 +84,18 @@ def embedded_server(
             process.wait()
         if output is not None:
             output.close()
+
+
+@contextmanager
+def embedded_shards(count: int, **settings: object) -> Iterator[list[EmbeddedServer]]:
+    """``count`` servers (:func:`embedded_server`, the same settings; a ``data_dir`` holds one
+    folder ``shard-<i>`` per server), for a sharded session: ``Client([s.url for s in ...])``."""
+    data_dir = settings.pop("data_dir", None)
+    with ExitStack() as stack:
+        servers = []
+        for i in range(count):
+            own: dict[str, Any] = dict(settings)
+            if data_dir is not None:
+                own["data_dir"] = Path(str(data_dir)) / f"shard-{i}"
+            servers.append(stack.enter_context(embedded_server(**own)))
+        yield servers

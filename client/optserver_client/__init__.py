@@ -12,8 +12,8 @@ the ``Optimizer.update(w, alpha, dw, dr, lambdaa)`` classes of the seed article,
 
 from __future__ import annotations
 
-from optserver_client._async import AsyncClient, AsyncSession
-from optserver_client._client import Client, Session
+from optserver_client._async import AsyncClient, AsyncSession, AsyncShardedSession
+from optserver_client._client import Client, Session, ShardedSession
 from optserver_client.exceptions import (
     APIError,
     AuthenticationError,
@@ -25,6 +25,7 @@ from optserver_client.exceptions import (
     PermissionDeniedError,
     ProtocolError,
     ServerError,
+    ShardError,
     StaleGradientError,
     TransportError,
     ValidationError,
@@ -36,6 +37,7 @@ __all__ = [
     "APIError",
     "AsyncClient",
     "AsyncSession",
+    "AsyncShardedSession",
     "AuthenticationError",
     "Client",
     "ConflictError",
@@ -47,6 +49,8 @@ __all__ = [
     "ProtocolError",
     "ServerError",
     "Session",
+    "ShardError",
+    "ShardedSession",
     "StaleGradientError",
     "TransportError",
     "ValidationError",

@@ -11,7 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
@@ -31,12 +39,22 @@ from optserver_client._protocol import (
     retry_push,
 )
 from optserver_client._retry import RetryPolicy
+from optserver_client._sharded import (
+    Fanout,
+    ShardedCore,
+    attach_layout,
+    create_plans,
+    exists_already,
+    import_plans,
+    settle,
+)
 from optserver_client._wire import AsyncTransport, usable
 from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
-from optserver_client.exceptions import ConflictError, StaleGradientError
+from optserver_client.exceptions import ConflictError, ShardError, StaleGradientError
+from optserver_client.sharding import DEFAULT_CHUNK_BYTES, shard_urls
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
-__all__ = ["AsyncClient", "AsyncClientOptions", "AsyncSession"]
+__all__ = ["AsyncClient", "AsyncClientOptions", "AsyncSession", "AsyncShardedSession"]
 
 T = TypeVar("T")
 
@@ -52,6 +70,8 @@ class AsyncClientOptions(TypedDict, total=False):
     transport: httpx.AsyncBaseTransport | None
     fast_path: bool
     buffer_pool_bytes: int
+    chunk_bytes: int
+    sharded: bool | None
 
 
 class AsyncClient:
@@ -59,12 +79,13 @@ class AsyncClient:
 
     ``fast_path`` (default True) chooses the fast transport exactly as for the sync client:
     ``http://`` URLs without a ``transport`` or a proxy; :attr:`fast_path` tells whether it is
-    in use. It needs an event loop with ``add_writer`` (asyncio's default on Unix).
+    in use. It needs an event loop with ``add_writer`` (asyncio's default on Unix). Several
+    URLs are the shards of sharded sessions, as for the sync client.
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         admin_key: str | None = None,
         timeout: float | httpx.Timeout = 60.0,
@@ -74,19 +95,45 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
         fast_path: bool = True,
         buffer_pool_bytes: int = DEFAULT_POOL_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        sharded: bool | None = None,
     ) -> None:
+        urls = shard_urls(url)
+        #: Whether sessions are sharded ones (default: with several URLs; one URL can be a
+        #: sharded session's only shard).
+        self._sharding = len(urls) > 1 if sharded is None else sharded
+        if len(urls) > 1 and not self._sharding:
+            raise ValueError("several URLs are the shards of sharded sessions: sharded=False")
         self._core = ClientCore(binary=binary, admin_key=admin_key)
         self._policy = RetryPolicy(retries, backoff)
-        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(base_url=urls[0], timeout=timeout, transport=transport)
         base = self._http.base_url
         use = fast_path and transport is None and usable(base)
         # Response bodies of 1 MiB or more reuse buffers the caller no longer holds.
         self._buffers = BufferPool(buffer_pool_bytes)
         self._wire = AsyncTransport(base, timeout, self._buffers) if use else None
+        self._chunk_bytes = chunk_bytes
+        #: The shards, this client first (itself alone without sharding).
+        self._shards: tuple[AsyncClient, ...] = (self,)
+        if len(urls) > 1:
+            self._shards += tuple(
+                AsyncClient(
+                    u, admin_key=admin_key, timeout=timeout, retries=retries, backoff=backoff,
+                    binary=binary, transport=transport, fast_path=fast_path,
+                    buffer_pool_bytes=buffer_pool_bytes,
+                )
+                for u in urls[1:]
+            )  # fmt: skip
 
     @property
     def url(self) -> str:
+        """The (first shard's) server URL."""
         return str(self._http.base_url)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every shard's URL (one without sharding)."""
+        return tuple(shard.url for shard in self._shards)
 
     @property
     def fast_path(self) -> bool:
@@ -107,8 +154,15 @@ class AsyncClient:
         name: str | None = None,
         nonfinite: str | None = None,
         dtype: str | None = "float32",
+        id: str | None = None,
+        token: str | None = None,
     ) -> AsyncSession:
         """See :meth:`optserver_client.Client.create_session`."""
+        if self._sharding:
+            return await self._create_sharded(
+                params, optimizer, mode=mode, schedule=schedule, name=name,
+                nonfinite=nonfinite, dtype=dtype, id=id, token=token,
+            )  # fmt: skip
         plan = self._core.create_session(
             params,
             optimizer,
@@ -117,6 +171,8 @@ class AsyncClient:
             name=name,
             nonfinite=nonfinite,
             dtype=dtype,
+            id=id,
+            token=token,
         )
         core = await self._request(plan.create)
         if plan.upload:
@@ -128,25 +184,106 @@ class AsyncClient:
                 raise
         return AsyncSession(self, core)
 
+    async def _create_sharded(
+        self,
+        params: Tensors | None,
+        optimizer: str | Mapping[str, Any],
+        *,
+        mode: str | Mapping[str, Any] | None,
+        schedule: Mapping[str, Any] | None,
+        name: str | None,
+        nonfinite: str | None,
+        dtype: str | None,
+        id: str | None,
+        token: str | None,
+    ) -> AsyncShardedSession:
+        layout, (id, token), plans = create_plans(
+            [shard._core for shard in self._shards], params, optimizer, mode=mode,
+            schedule=schedule, name=name, nonfinite=nonfinite, dtype=dtype,
+            chunk_bytes=self._chunk_bytes, id=id, token=token,
+        )  # fmt: skip
+        try:
+            created = await self._fan(Fanout(dict(enumerate(p.create for p in plans)), dict))
+            uploads = {i: created[i].set_params(p.upload) for i, p in enumerate(plans) if p.upload}
+            await self._fan(Fanout(uploads, dict))
+            core = ShardedCore([created[i] for i in range(len(plans))], layout)
+            await self._fan(core.info())
+        except BaseException as error:
+            if not exists_already(error):  # else it is another creator's, maybe in progress
+                await self._discard(id, token)
+            raise
+        return AsyncShardedSession(self, core, self._shards)
+
+    async def _discard(self, id: str, token: str) -> None:
+        """After a failed sharded creation or import: delete what any shard may hold of it."""
+        for shard in self._shards:
+            with contextlib.suppress(Exception):
+                await shard._request(shard._core.session(id, token).delete())
+
     def session(self, id: str, token: str | None = None) -> AsyncSession:
-        """A handle on an existing session; without ``token``, the admin key opens it."""
-        return AsyncSession(self, self._core.session(id, token))
+        """A handle on an existing session; without ``token``, the admin key opens it. With
+        several URLs, the session's shards (in any order: the first call reads which is which
+        from their descriptions)."""
+        if not self._sharding:
+            return AsyncSession(self, self._core.session(id, token))
+        return AsyncShardedSession(self, None, self._shards, id=id, token=token)
 
     async def list_sessions(self) -> list[dict[str, Any]]:
+        """The (first shard's) sessions."""
         return await self._request(self._core.list_sessions())
 
     async def import_state(
         self, data: bytes | bytearray | memoryview, *, name: str | None = None
     ) -> AsyncSession:
-        return AsyncSession(self, await self._request(self._core.import_state(data, name)))
+        """See :meth:`optserver_client.Client.import_state`."""
+        if not self._sharding:
+            return AsyncSession(self, await self._request(self._core.import_state(data, name)))
+        layout, (id, token), calls = import_plans(
+            [shard._core for shard in self._shards], data, name, self._chunk_bytes
+        )
+        try:
+            created = await self._fan(Fanout(dict(enumerate(calls)), dict))
+            core = ShardedCore([created[i] for i in range(len(calls))], layout)
+            await self._fan(core.info())
+        except BaseException:
+            await self._discard(id, token)
+            raise
+        return AsyncShardedSession(self, core, self._shards)
 
     async def health(self) -> dict[str, Any]:
-        return await self._request(self._core.health())
+        """The server's health; with several URLs, ``{"status", "shards": [...]}``."""
+        if len(self._shards) == 1:
+            return await self._request(self._core.health())
+        calls = {i: s._core.health() for i, s in enumerate(self._shards)}
+        answers = await self._fan(Fanout(calls, dict))
+        shards = [answers[i] for i in range(len(self._shards))]
+        status = "ok" if all(a.get("status") == "ok" for a in shards) else "degraded"
+        return {"status": status, "shards": shards}
 
     async def aclose(self) -> None:
+        for shard in self._shards[1:]:
+            await shard.aclose()
         if self._wire is not None:
             self._wire.close()
         await self._http.aclose()
+
+    async def _fan(self, fanout: Fanout[T], shards: Sequence[AsyncClient] | None = None) -> T:
+        """Send a fanout's calls to their shards at once; merge, or raise (see ``settle``)."""
+        targets = self._shards if shards is None else shards
+        indices = list(fanout.calls)
+        outcomes = await asyncio.gather(
+            *(targets[i]._request(fanout.calls[i]) for i in indices), return_exceptions=True
+        )
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        for i, outcome in zip(indices, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):  # cancellation and the like: at once
+                    raise outcome
+                errors[i] = outcome
+            else:
+                results[i] = outcome
+        return settle(fanout, results, errors, [t.url for t in targets])
 
     close = aclose  # the sync client's name, as a coroutine too
 
@@ -210,11 +347,18 @@ class AsyncSession:
 
     @classmethod
     def attach(
-        cls, url: str, id: str, token: str, **client_options: Unpack[AsyncClientOptions]
-    ) -> Self:
-        """Open an existing session from its id and token, with its own :class:`AsyncClient`."""
+        cls,
+        url: str | Sequence[str],
+        id: str,
+        token: str,
+        **client_options: Unpack[AsyncClientOptions],
+    ) -> AsyncSession:
+        """Open an existing session from its id and token, with its own :class:`AsyncClient`
+        (several URLs: a sharded session's shards, an :class:`AsyncShardedSession`)."""
         client = AsyncClient(url, **client_options)
-        return cls(client, client._core.session(id, token), owns_client=True)
+        session = client.session(id, token)
+        session._owns_client = True
+        return session
 
     @property
     def client(self) -> AsyncClient:
@@ -233,6 +377,11 @@ class AsyncSession:
         return self._core.version
 
     @property
+    def versions(self) -> tuple[int, ...]:
+        """Each shard's version: ``(version,)`` for a session of one server."""
+        return (self._core.version,)
+
+    @property
     def last_applied(self) -> bool | None:
         return self._core.last_applied
 
@@ -245,6 +394,7 @@ class AsyncSession:
         base_version: int | None = None,
         worker: str | None = None,
         return_: Literal["stepped", "all"] = "stepped",
+        key: str | None = None,
     ) -> dict[str, Array]:
         """See :meth:`optserver_client.Session.step`."""
         call = self._core.step(
@@ -254,6 +404,7 @@ class AsyncSession:
             base_version=base_version,
             worker=worker,
             return_=return_,
+            key=key,
         )
         return await self._client._request(call)
 
@@ -280,17 +431,22 @@ class AsyncSession:
         if weights is None:
             weights = await self.pull()
         grads = await _maybe_await(compute(weights))
+        key: str | None = None
+        base: int | None = self.version
         for attempt in range(retries + 1):
             try:
                 return await self.step(
-                    grads, base_version=self.version, worker=worker, lr=lr, return_="all"
+                    grads, base_version=base, worker=worker, lr=lr, return_="all", key=key
                 )
-            except (StaleGradientError, ConflictError) as error:
+            except (StaleGradientError, ConflictError, ShardError) as error:
                 action = retry_push(error)
                 if action is None or attempt == retries:
                     raise
-                if action == "recompute":
+                if action == "complete" and isinstance(error, ShardError):
+                    key, base = error.key, None  # some shards applied it: the others must too
+                elif action == "recompute":
                     grads = await _maybe_await(compute(await self.pull()))
+                    base = self.version
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def push(
@@ -301,7 +457,9 @@ class AsyncSession:
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
+        key: str | None = None,
     ) -> int:
+        """See :meth:`optserver_client.Session.push`."""
         call = self._core.step(
             grads,
             lr=lr,
@@ -309,6 +467,7 @@ class AsyncSession:
             base_version=base_version,
             worker=worker,
             return_="none",
+            key=key,
         )
         await self._client._request(call)
         return self._core.version
@@ -361,6 +520,142 @@ class AsyncSession:
 
     def __repr__(self) -> str:
         return f"AsyncSession(id={self.id!r}, version={self.version})"
+
+
+class AsyncShardedSession(AsyncSession):
+    """The asynchronous :class:`~optserver_client.ShardedSession`. One made by
+    :meth:`AsyncClient.session` or :meth:`AsyncSession.attach` reads the shards' descriptions
+    on its first call (``version`` and ``versions`` are 0 until then)."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        core: ShardedCore | None,
+        shards: Sequence[AsyncClient],
+        *,
+        id: str | None = None,
+        token: str | None = None,
+        owns_client: bool = False,
+    ) -> None:
+        first = core.cores[0] if core is not None else client._core.session(id or "", token)
+        super().__init__(client, first, owns_client=owns_client)
+        self._sharded = core
+        self._shard_clients = tuple(shards)
+        self._opening = asyncio.Lock()
+
+    async def _ready(self) -> ShardedCore:
+        """The session's layout and shards in order: read from their descriptions once."""
+        async with self._opening:
+            if self._sharded is not None:
+                return self._sharded
+            shards = self._shard_clients
+            cores = {
+                i: s._core.session(self._core.id, self._core.token) for i, s in enumerate(shards)
+            }
+            infos = await self._client._fan(Fanout({i: c.info() for i, c in cores.items()}, dict))
+            layout, order = attach_layout(infos, len(shards))
+            core = ShardedCore([cores[p] for p in order], layout)
+            core.observe({i: infos[p] for i, p in enumerate(order)})
+            self._shard_clients = tuple(shards[p] for p in order)
+            self._core = core.cores[0]
+            self._sharded = core
+            return core
+
+    async def _run(self, plan: Callable[[ShardedCore], Fanout[T]]) -> T:
+        core = await self._ready()
+        return await self._client._fan(plan(core), self._shard_clients)
+
+    @property
+    def version(self) -> int:
+        return 0 if self._sharded is None else self._sharded.version
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """Each shard's version, as the last answers showed."""
+        return () if self._sharded is None else self._sharded.versions
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The shards' URLs (in shard order, once the session is opened)."""
+        return tuple(shard.url for shard in self._shard_clients)
+
+    @property
+    def last_applied(self) -> bool | None:
+        return None if self._sharded is None else self._sharded.last_applied
+
+    async def step(
+        self,
+        grads: Tensors,
+        *,
+        lr: float | None = None,
+        params: Tensors | None = None,
+        base_version: int | None = None,
+        worker: str | None = None,
+        return_: Literal["stepped", "all"] = "stepped",
+        key: str | None = None,
+    ) -> dict[str, Array]:
+        """See :meth:`optserver_client.ShardedSession.step`."""
+        return await self._run(
+            lambda core: core.step(
+                grads, lr=lr, params=params, base_version=base_version, worker=worker,
+                return_=return_, key=key,
+            )
+        )  # fmt: skip
+
+    async def push(
+        self,
+        grads: Tensors,
+        *,
+        lr: float | None = None,
+        params: Tensors | None = None,
+        base_version: int | None = None,
+        worker: str | None = None,
+        key: str | None = None,
+    ) -> int:
+        await self._run(
+            lambda core: core.step(
+                grads, lr=lr, params=params, base_version=base_version, worker=worker,
+                return_="none", key=key,
+            )
+        )  # fmt: skip
+        return self.version
+
+    async def pull(self, names: str | Iterable[str] | None = None) -> dict[str, Array]:
+        return await self._run(lambda core: core.pull(names))
+
+    async def set_params(self, params: Mapping[str, TensorLike]) -> dict[str, Any]:
+        return await self._run(lambda core: core.set_params(params))
+
+    async def info(self) -> dict[str, Any]:
+        """See :meth:`optserver_client.ShardedSession.info`."""
+        return await self._run(lambda core: core.info())
+
+    async def update(
+        self,
+        *,
+        optimizer: Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | Unset | None = UNSET,
+        mode: str | Mapping[str, Any] | None = None,
+        nonfinite: str | None = None,
+    ) -> dict[str, Any]:
+        return await self._run(
+            lambda core: core.update(
+                optimizer=optimizer, schedule=schedule, mode=mode, nonfinite=nonfinite
+            )
+        )
+
+    async def export_state(self) -> bytes:
+        """See :meth:`optserver_client.ShardedSession.export_state`."""
+        return await self._run(lambda core: core.export_state())
+
+    async def delete(self) -> None:
+        await self._run(lambda core: core.delete())
+
+    def __repr__(self) -> str:
+        return (
+            f"AsyncShardedSession(id={self.id!r}, shards={len(self._shard_clients)}, "
+            f"versions={self.versions})"
+        )
 
 
 async def _aiter(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal, Self, TypedDict, TypeVar, Unpack
 
@@ -24,12 +25,22 @@ from optserver_client._protocol import (
     retry_push,
 )
 from optserver_client._retry import RetryPolicy
+from optserver_client._sharded import (
+    Fanout,
+    ShardedCore,
+    attach_layout,
+    create_plans,
+    exists_already,
+    import_plans,
+    settle,
+)
 from optserver_client._wire import Transport, usable
 from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
-from optserver_client.exceptions import ConflictError, StaleGradientError
+from optserver_client.exceptions import ConflictError, ShardError, StaleGradientError
+from optserver_client.sharding import DEFAULT_CHUNK_BYTES, shard_urls
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
-__all__ = ["Client", "ClientOptions", "Session"]
+__all__ = ["Client", "ClientOptions", "Session", "ShardedSession"]
 
 T = TypeVar("T")
 
@@ -47,6 +58,8 @@ class ClientOptions(TypedDict, total=False):
     transport: httpx.BaseTransport | None
     fast_path: bool
     buffer_pool_bytes: int
+    chunk_bytes: int
+    sharded: bool | None
 
 
 class Client:
@@ -64,11 +77,17 @@ class Client:
     of an earlier answer any more, up to ``buffer_pool_bytes`` kept (0: always fresh memory,
     which costs a page fault per page). The client is thread-safe and pools connections; close
     it, or use it as a context manager.
+
+    Several URLs (a list, or one string with commas, as ``OPTSERVER_URLS``) are the shards of
+    sharded sessions: :meth:`create_session` spreads a session's tensors over all of them
+    (tensors of more than ``chunk_bytes`` cut into chunks; see :mod:`optserver_client.sharding`)
+    and returns a :class:`ShardedSession`, which talks to every shard at once. With one URL,
+    nothing of this applies, unless ``sharded=True`` (a sharded session of one shard).
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         admin_key: str | None = None,
         timeout: float | httpx.Timeout = 60.0,
@@ -78,19 +97,48 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         fast_path: bool = True,
         buffer_pool_bytes: int = DEFAULT_POOL_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        sharded: bool | None = None,
     ) -> None:
+        urls = shard_urls(url)
+        #: Whether sessions are sharded ones (default: with several URLs; one URL can be a
+        #: sharded session's only shard).
+        self._sharding = len(urls) > 1 if sharded is None else sharded
+        if len(urls) > 1 and not self._sharding:
+            raise ValueError("several URLs are the shards of sharded sessions: sharded=False")
         self._core = ClientCore(binary=binary, admin_key=admin_key)
         self._policy = RetryPolicy(retries, backoff)
-        self._http = httpx.Client(base_url=url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(base_url=urls[0], timeout=timeout, transport=transport)
         base = self._http.base_url
         use = fast_path and transport is None and usable(base)
         # Response bodies of 1 MiB or more reuse buffers the caller no longer holds.
         self._buffers = BufferPool(buffer_pool_bytes)
         self._wire = Transport(base, timeout, self._buffers) if use else None
+        self._chunk_bytes = chunk_bytes
+        #: The shards, this client first (itself alone without sharding).
+        self._shards: tuple[Client, ...] = (self,)
+        self._pool: ThreadPoolExecutor | None = None
+        if len(urls) > 1:
+            self._shards += tuple(
+                Client(
+                    u, admin_key=admin_key, timeout=timeout, retries=retries, backoff=backoff,
+                    binary=binary, transport=transport, fast_path=fast_path,
+                    buffer_pool_bytes=buffer_pool_bytes,
+                )
+                for u in urls[1:]
+            )  # fmt: skip
+            # One thread per shard: the calls of a step go out together (I/O releases the GIL).
+            self._pool = ThreadPoolExecutor(len(urls), thread_name_prefix="optserver-shard")
 
     @property
     def url(self) -> str:
+        """The (first shard's) server URL."""
         return str(self._http.base_url)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every shard's URL (one without sharding)."""
+        return tuple(shard.url for shard in self._shards)
 
     @property
     def fast_path(self) -> bool:
@@ -111,10 +159,19 @@ class Client:
         name: str | None = None,
         nonfinite: str | None = None,
         dtype: str | None = "float32",
+        id: str | None = None,
+        token: str | None = None,
     ) -> Session:
         """Create a session, with initial weights ``params`` cast to ``dtype`` (None: keep each
         array's float32/float64 dtype). In binary mode the weights follow in a PUT; if that
-        fails, the new session is deleted again."""
+        fails, the new session is deleted again (on every shard, for a sharded one). ``id``
+        and ``token`` choose the session's (default: random ones; a server refuses an id it
+        holds already, or a token that opens another session, with ConflictError)."""
+        if self._sharding:
+            return self._create_sharded(
+                params, optimizer, mode=mode, schedule=schedule, name=name,
+                nonfinite=nonfinite, dtype=dtype, id=id, token=token,
+            )  # fmt: skip
         plan = self._core.create_session(
             params,
             optimizer,
@@ -123,6 +180,8 @@ class Client:
             name=name,
             nonfinite=nonfinite,
             dtype=dtype,
+            id=id,
+            token=token,
         )
         core = self._request(plan.create)
         if plan.upload:
@@ -134,26 +193,118 @@ class Client:
                 raise
         return Session(self, core)
 
+    def _create_sharded(
+        self,
+        params: Tensors | None,
+        optimizer: str | Mapping[str, Any],
+        *,
+        mode: str | Mapping[str, Any] | None,
+        schedule: Mapping[str, Any] | None,
+        name: str | None,
+        nonfinite: str | None,
+        dtype: str | None,
+        id: str | None,
+        token: str | None,
+    ) -> ShardedSession:
+        layout, (id, token), plans = create_plans(
+            [shard._core for shard in self._shards], params, optimizer, mode=mode,
+            schedule=schedule, name=name, nonfinite=nonfinite, dtype=dtype,
+            chunk_bytes=self._chunk_bytes, id=id, token=token,
+        )  # fmt: skip
+        try:
+            created = self._fan(Fanout(dict(enumerate(p.create for p in plans)), dict))
+            uploads = {i: created[i].set_params(p.upload) for i, p in enumerate(plans) if p.upload}
+            self._fan(Fanout(uploads, dict))
+            core = ShardedCore([created[i] for i in range(len(plans))], layout)
+            self._fan(core.info())  # learns the shards' versions and the non-finite policy
+        except BaseException as error:
+            if not exists_already(error):  # else it is another creator's, maybe in progress
+                self._discard(id, token)
+            raise
+        return ShardedSession(self, core, self._shards)
+
+    def _discard(self, id: str, token: str) -> None:
+        """After a failed sharded creation or import: delete what any shard may hold of it."""
+        for shard in self._shards:
+            with contextlib.suppress(Exception):
+                shard._request(shard._core.session(id, token).delete())
+
     def session(self, id: str, token: str | None = None) -> Session:
-        """A handle on an existing session; without ``token``, the admin key opens it."""
-        return Session(self, self._core.session(id, token))
+        """A handle on an existing session; without ``token``, the admin key opens it. With
+        several URLs, the session's shards: each shard's description says which it is, so the
+        URLs may come in any order."""
+        if not self._sharding:
+            return Session(self, self._core.session(id, token))
+        cores = {i: shard._core.session(id, token) for i, shard in enumerate(self._shards)}
+        infos = self._fan(Fanout({i: core.info() for i, core in cores.items()}, dict))
+        layout, order = attach_layout(infos, len(self._shards))
+        core = ShardedCore([cores[p] for p in order], layout)
+        core.observe({i: infos[p] for i, p in enumerate(order)})
+        return ShardedSession(self, core, tuple(self._shards[p] for p in order))
 
     def list_sessions(self) -> list[dict[str, Any]]:
+        """The (first shard's) sessions."""
         return self._request(self._core.list_sessions())
 
     def import_state(
         self, data: bytes | bytearray | memoryview, *, name: str | None = None
     ) -> Session:
-        """A new session resuming from :meth:`Session.export_state`'s document."""
-        return Session(self, self._request(self._core.import_state(data, name)))
+        """A new session resuming from :meth:`Session.export_state`'s document. With several
+        URLs, it is spread over them, whatever number of shards it was exported from."""
+        if not self._sharding:
+            return Session(self, self._request(self._core.import_state(data, name)))
+        layout, (id, token), calls = import_plans(
+            [shard._core for shard in self._shards], data, name, self._chunk_bytes
+        )
+        try:
+            created = self._fan(Fanout(dict(enumerate(calls)), dict))
+            core = ShardedCore([created[i] for i in range(len(calls))], layout)
+            self._fan(core.info())
+        except BaseException:
+            self._discard(id, token)
+            raise
+        return ShardedSession(self, core, self._shards)
 
     def health(self) -> dict[str, Any]:
-        return self._request(self._core.health())
+        """The server's health; with several URLs, ``{"status", "shards": [...]}``."""
+        if len(self._shards) == 1:
+            return self._request(self._core.health())
+        answers = self._fan(Fanout({i: s._core.health() for i, s in enumerate(self._shards)}, dict))
+        shards = [answers[i] for i in range(len(self._shards))]
+        status = "ok" if all(a.get("status") == "ok" for a in shards) else "degraded"
+        return {"status": status, "shards": shards}
 
     def close(self) -> None:
+        for shard in self._shards[1:]:
+            shard.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         if self._wire is not None:
             self._wire.close()
         self._http.close()
+
+    def _fan(self, fanout: Fanout[T], shards: Sequence[Client] | None = None) -> T:
+        """Send a fanout's calls to their shards at once; merge, or raise (see ``settle``)."""
+        targets = self._shards if shards is None else shards
+        pool = self._pool
+        results: dict[int, Any] = {}
+        errors: dict[int, BaseException] = {}
+        if pool is None or len(fanout.calls) == 1:
+            for i, call in fanout.calls.items():
+                try:
+                    results[i] = targets[i]._request(call)
+                except Exception as error:
+                    errors[i] = error
+        else:
+            futures = {
+                i: pool.submit(targets[i]._request, call) for i, call in fanout.calls.items()
+            }
+            for i, future in futures.items():
+                try:
+                    results[i] = future.result()
+                except Exception as error:
+                    errors[i] = error
+        return settle(fanout, results, errors, [t.url for t in targets])
 
     def __enter__(self) -> Self:
         return self
@@ -217,13 +368,26 @@ class Session:
         self._owns_client = owns_client
 
     @classmethod
-    def attach(cls, url: str, id: str, token: str, **client_options: Unpack[ClientOptions]) -> Self:
-        """Open an existing session from its id and token (a worker's entry point).
+    def attach(
+        cls,
+        url: str | Sequence[str],
+        id: str,
+        token: str,
+        **client_options: Unpack[ClientOptions],
+    ) -> Session:
+        """Open an existing session from its id and token (a worker's entry point); several
+        URLs: a sharded session's shards (a :class:`ShardedSession`).
 
         The session owns its own :class:`Client`, which :meth:`close` closes.
         """
         client = Client(url, **client_options)
-        return cls(client, client._core.session(id, token), owns_client=True)
+        try:
+            session = client.session(id, token)
+        except BaseException:
+            client.close()
+            raise
+        session._owns_client = True
+        return session
 
     @property
     def client(self) -> Client:
@@ -242,6 +406,11 @@ class Session:
         return self._core.version
 
     @property
+    def versions(self) -> tuple[int, ...]:
+        """Each shard's version: ``(version,)`` for a session of one server."""
+        return (self._core.version,)
+
+    @property
     def last_applied(self) -> bool | None:
         """Whether the last step was applied (False: e.g. skipped by the non-finite policy)."""
         return self._core.last_applied
@@ -255,12 +424,15 @@ class Session:
         base_version: int | None = None,
         worker: str | None = None,
         return_: Literal["stepped", "all"] = "stepped",
+        key: str | None = None,
     ) -> dict[str, Array]:
         """Push gradients, apply one optimizer step, and return the new weights.
 
         ``params`` are the current weights (optimizer-as-a-service style), ``lr`` overrides the
         learning rate for this step only, ``base_version`` is the version the gradients were
-        computed on (ssp mode; StaleGradientError when too old). Retries never apply it twice.
+        computed on (ssp mode; StaleGradientError when too old). Retries never apply it twice:
+        they carry the push's Idempotency-Key, ``key`` (default: a new one), which a later
+        push of the same gradients may carry again, to the same effect.
         """
         call = self._core.step(
             grads,
@@ -269,6 +441,7 @@ class Session:
             base_version=base_version,
             worker=worker,
             return_=return_,
+            key=key,
         )
         return self._client._request(call)
 
@@ -293,17 +466,22 @@ class Session:
         if weights is None:
             weights = self.pull()
         grads = compute(weights)
+        key: str | None = None
+        base: int | None = self.version
         for attempt in range(retries + 1):
             try:
                 return self.step(
-                    grads, base_version=self.version, worker=worker, lr=lr, return_="all"
+                    grads, base_version=base, worker=worker, lr=lr, return_="all", key=key
                 )
-            except (StaleGradientError, ConflictError) as error:
+            except (StaleGradientError, ConflictError, ShardError) as error:
                 action = retry_push(error)
                 if action is None or attempt == retries:
                     raise
-                if action == "recompute":
+                if action == "complete" and isinstance(error, ShardError):
+                    key, base = error.key, None  # some shards applied it: the others must too
+                elif action == "recompute":
                     grads = compute(self.pull())
+                    base = self.version
         raise AssertionError("unreachable")  # pragma: no cover
 
     def push(
@@ -314,6 +492,7 @@ class Session:
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
+        key: str | None = None,
     ) -> int:
         """Like :meth:`step` but without weights in the answer; returns the new version."""
         call = self._core.step(
@@ -323,6 +502,7 @@ class Session:
             base_version=base_version,
             worker=worker,
             return_="none",
+            key=key,
         )
         self._client._request(call)
         return self._core.version
@@ -378,3 +558,124 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session(id={self.id!r}, version={self.version})"
+
+
+class ShardedSession(Session):
+    """A session spread over several servers (see :mod:`optserver_client.sharding`), with the
+    API of :class:`Session`; every operation talks to the shards concerned at once.
+
+    ``version`` is the number of steps every shard has applied (the least of ``versions``, each
+    shard's own): a push of every tensor steps every shard, so the shards' versions stay equal,
+    and a ``base_version`` is compared by each shard with its own. A shard that fails while the
+    others succeed raises :class:`~optserver_client.ShardError`, which names it; for a step, its
+    ``key`` completes the step exactly once when the same gradients are pushed with it again.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        core: ShardedCore,
+        shards: Sequence[Client],
+        *,
+        owns_client: bool = False,
+    ) -> None:
+        super().__init__(client, core.cores[0], owns_client=owns_client)
+        self._sharded = core
+        self._shard_clients = tuple(shards)
+
+    @property
+    def version(self) -> int:
+        return self._sharded.version
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """Each shard's version, as the last answers showed."""
+        return self._sharded.versions
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The shards' URLs, in shard order."""
+        return tuple(shard.url for shard in self._shard_clients)
+
+    @property
+    def last_applied(self) -> bool | None:
+        return self._sharded.last_applied
+
+    def _run(self, fanout: Fanout[T]) -> T:
+        return self._client._fan(fanout, self._shard_clients)
+
+    def step(
+        self,
+        grads: Tensors,
+        *,
+        lr: float | None = None,
+        params: Tensors | None = None,
+        base_version: int | None = None,
+        worker: str | None = None,
+        return_: Literal["stepped", "all"] = "stepped",
+        key: str | None = None,
+    ) -> dict[str, Array]:
+        return self._run(
+            self._sharded.step(
+                grads, lr=lr, params=params, base_version=base_version, worker=worker,
+                return_=return_, key=key,
+            )
+        )  # fmt: skip
+
+    def push(
+        self,
+        grads: Tensors,
+        *,
+        lr: float | None = None,
+        params: Tensors | None = None,
+        base_version: int | None = None,
+        worker: str | None = None,
+        key: str | None = None,
+    ) -> int:
+        self._run(
+            self._sharded.step(
+                grads, lr=lr, params=params, base_version=base_version, worker=worker,
+                return_="none", key=key,
+            )
+        )  # fmt: skip
+        return self.version
+
+    def pull(self, names: str | Iterable[str] | None = None) -> dict[str, Array]:
+        return self._run(self._sharded.pull(names))
+
+    def set_params(self, params: Mapping[str, TensorLike]) -> dict[str, Any]:
+        return self._run(self._sharded.set_params(params))
+
+    def info(self) -> dict[str, Any]:
+        """The session's description: shard 0's, with ``version`` (the least), ``versions``,
+        the whole tensors under ``params``, the layout under ``sharding``, and every shard's
+        own description under ``shards``."""
+        return self._run(self._sharded.info())
+
+    def update(
+        self,
+        *,
+        optimizer: Mapping[str, Any] | None = None,
+        schedule: Mapping[str, Any] | Unset | None = UNSET,
+        mode: str | Mapping[str, Any] | None = None,
+        nonfinite: str | None = None,
+    ) -> dict[str, Any]:
+        return self._run(
+            self._sharded.update(
+                optimizer=optimizer, schedule=schedule, mode=mode, nonfinite=nonfinite
+            )
+        )
+
+    def export_state(self) -> bytes:
+        """One document of the whole session (chunks joined), which a client of any number
+        of shards imports: resharding is an export and an import."""
+        return self._run(self._sharded.export_state())
+
+    def delete(self) -> None:
+        self._run(self._sharded.delete())
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedSession(id={self.id!r}, shards={len(self._shard_clients)}, "
+            f"versions={self.versions})"
+        )

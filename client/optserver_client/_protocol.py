@@ -33,6 +33,7 @@ from optserver_client._retry import Retry
 from optserver_client.exceptions import (
     ConflictError,
     ProtocolError,
+    ShardError,
     StaleGradientError,
     error_from_parts,
 )
@@ -219,7 +220,12 @@ class ClientCore:
         name: str | None,
         nonfinite: str | None,
         dtype: str | np.dtype[Any] | None,
+        id: str | None = None,
+        token: str | None = None,
+        sharding: Mapping[str, Any] | None = None,
     ) -> CreatePlan:
+        """``id`` and ``token`` choose the session's (the shards of a sharded session share
+        them); ``sharding`` is the shard's description (see :mod:`optserver_client.sharding`)."""
         wire_dtype = None if dtype is None else dtype_of(dtype).newbyteorder("<")
         arrays = None if params is None else _param_arrays(params, wire_dtype)
         body: dict[str, Any] = {"optimizer": _options(optimizer)}
@@ -228,6 +234,9 @@ class ClientCore:
             ("mode", None if mode is None else _options(mode)),
             ("schedule", None if schedule is None else dict(schedule)),
             ("nonfinite", nonfinite),
+            ("id", id),
+            ("token", token),
+            ("sharding", None if sharding is None else dict(sharding)),
         ):
             if value is not None:
                 body[key] = value
@@ -264,8 +273,9 @@ class ClientCore:
         return Call("GET", "/v1/sessions", parse, headers={**self.auth(), "Accept": JSON})
 
     def import_state(
-        self, data: bytes | bytearray | memoryview, name: str | None
+        self, data: bytes | bytearray | memoryview | tuple[Buffer, ...], name: str | None
     ) -> Call[SessionCore]:
+        """POST an export document (one buffer, or the pieces of :func:`encode_parts`)."""
         return Call(
             "POST",
             "/v1/sessions/import",
@@ -273,7 +283,7 @@ class ClientCore:
             retry=Retry.CONNECT,
             params=None if name is None else {"name": name},
             headers={**self.auth(), "Content-Type": BINARY, "Accept": JSON},
-            content=bytes(data),
+            content=data if isinstance(data, tuple) else bytes(data),
         )
 
     def health(self) -> Call[dict[str, Any]]:
@@ -325,8 +335,10 @@ class SessionCore:
         base_version: int | None,
         worker: str | None,
         return_: ReturnMode,
+        key: str | None = None,
     ) -> Call[dict[str, Array]]:
-        """POST .../step; the result is the returned weights (empty for return="none")."""
+        """POST .../step; the result is the returned weights (empty for return="none").
+        ``key``: its Idempotency-Key (default: a new one)."""
         if return_ not in RETURN_MODES:
             modes = ", ".join(repr(mode) for mode in RETURN_MODES)
             raise ValueError(f"return_ must be one of {modes}, not {return_!r}")
@@ -365,7 +377,7 @@ class SessionCore:
             "Content-Type": content_type,
             "Accept": accept,
             # One key per logical push, reused by every retry: the server applies it only once.
-            IDEMPOTENCY_KEY_HEADER: uuid.uuid4().hex,
+            IDEMPOTENCY_KEY_HEADER: key if key is not None else new_key(),
         }
         return Call(
             "POST",
@@ -530,6 +542,11 @@ class SessionCore:
         return array
 
 
+def new_key() -> str:
+    """A fresh Idempotency-Key."""
+    return uuid.uuid4().hex
+
+
 def _options(value: str | Mapping[str, Any]) -> dict[str, Any]:
     """An optimizer or mode given by name alone ("adam") or as options with a "name"."""
     return {"name": value} if isinstance(value, str) else dict(value)
@@ -560,10 +577,17 @@ def _json_tensors(arrays: Mapping[str, Array]) -> dict[str, Any]:
 _ROUND_FAILED = problem_type(ProblemSlug.ROUND_FAILED)
 
 
-def retry_push(error: Exception) -> Literal["recompute", "repeat"] | None:
+def retry_push(error: Exception) -> Literal["recompute", "repeat", "complete"] | None:
     """What :meth:`Session.train_step` does after ``error``: pull and recompute the gradients
-    (they are stale), push the same ones again (a sync round failed, nothing was applied), or
-    nothing (re-raise)."""
+    (they are stale), push the same ones again (a sync round failed, nothing was applied),
+    complete the push (some shards of a sharded session applied it, the others refused it as
+    stale or for a failed round: the same gradients again, with the same key and no base
+    version, so that every shard applies it once), or nothing (re-raise)."""
+    if isinstance(error, ShardError):
+        causes = [e for e in error.errors.values() if isinstance(e, Exception)]
+        if len(causes) == len(error.errors) and all(retry_push(e) is not None for e in causes):
+            return "complete"
+        return None
     if isinstance(error, StaleGradientError):
         return "recompute"
     if isinstance(error, ConflictError) and error.type == _ROUND_FAILED:

@@ -5,6 +5,7 @@
     OptserverError
     ├── TransportError            the server could not be reached (after the retries)
     ├── ProtocolError             the server answered something the client cannot read
+    ├── ShardError                some shards of a sharded session failed, the others did not
     └── APIError                  the server answered with an error (problem+json)
         ├── ValidationError       400, 406, 415, 422: the request was wrong
         ├── AuthenticationError   401: missing or wrong token / admin key
@@ -41,6 +42,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProtocolError",
     "ServerError",
+    "ShardError",
     "StaleGradientError",
     "TransportError",
     "ValidationError",
@@ -71,6 +73,34 @@ class TransportError(OptserverError):
 
 class ProtocolError(OptserverError):
     """A successful response whose body does not follow the protocol (bad safetensors, ...)."""
+
+
+class ShardError(OptserverError):
+    """Part of an operation on a sharded session failed: the shards in ``errors`` (shard index
+    -> the exception, an :class:`APIError` or :class:`TransportError`, at ``urls[index]``) did
+    not do their part; the others did theirs, which is kept. ``shard`` and ``error`` are the
+    first failed shard and its exception (also chained as ``__cause__``).
+
+    For a step, ``key`` is its Idempotency-Key: pushing the same gradients again with
+    ``key=error.key`` completes the step exactly once (the shards that applied it answer from
+    memory, the others apply it). Other operations (PATCH, PUT, DELETE) can simply be repeated.
+    """
+
+    def __init__(
+        self,
+        errors: Mapping[int, BaseException],
+        urls: Mapping[int, str],
+        *,
+        key: str | None = None,
+    ) -> None:
+        self.errors = dict(errors)
+        self.urls = dict(urls)
+        self.key = key
+        self.shard = min(self.errors)
+        self.error = self.errors[self.shard]
+        failed = ", ".join(f"{i} ({self.urls.get(i, '?')})" for i in self.errors)
+        retry = f"; push again with key={key!r} to complete it" if key is not None else ""
+        super().__init__(f"shard {failed} failed: {self.error}{retry}")
 
 
 class APIError(OptserverError):

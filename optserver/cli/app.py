@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, TyperException
 
-from optserver.cli import serve, training
+from optserver.cli import serve, shards, training
 from optserver.cli.errors import explain
 
 __all__ = ["app", "main"]
@@ -21,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command()(serve.serve)
+app.command()(shards.shards)
 app.command()(training.demo)
 app.command()(training.worker)
 app.command("create-session")(training.create_session)

@@ -36,6 +36,10 @@ Workers = Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")]
 Epochs = Annotated[int, typer.Option(min=1, help="Passes over each worker's shard.")]
 Batch = Annotated[int, typer.Option(min=1, max=4096, help="Examples per gradient.")]
 AdminKey = Annotated[str | None, typer.Option(help="The server's admin key, if it has one.")]
+#: A server URL, or a sharded session's shards (comma-separated).
+URLS_OPTION = typer.Option(
+    "--url", help="Server URL; several, comma-separated: the shards.", envvar="OPTSERVER_URLS"
+)
 
 
 def demo(
@@ -50,9 +54,16 @@ def demo(
     ] = 4,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     url: Annotated[
-        str | None, typer.Option(help="Use this server instead of starting one.")
+        str | None,
+        typer.Option(
+            help="Use this server instead of starting one (comma-separated: these shards).",
+            envvar="OPTSERVER_URLS",
+        ),
     ] = None,
     admin_key: AdminKey = None,
+    shards: Annotated[
+        int, typer.Option(min=1, max=16, help="Servers to start and shard the session over.")
+    ] = 1,
 ) -> None:
     """Train a small MLP on scikit-learn's digits with several worker processes, and compare
     with the same training in one process. Exits 1 when the result is far below that."""
@@ -65,7 +76,9 @@ def demo(
         max_staleness=max_staleness,
     )  # fmt: skip
     try:
-        summary = run_demo(config, live=not json_output, url=url, admin_key=admin_key)
+        summary = run_demo(
+            config, live=not json_output, url=url, admin_key=admin_key, shards=shards
+        )
     except DemoError as error:
         raise CLIError(str(error)) from None
     if json_output:
@@ -85,11 +98,15 @@ def worker(
             help="JSON with url, id and token (from create-session).", exists=True, dir_okay=False
         ),
     ] = None,
-    url: Annotated[str | None, typer.Option(help="Server URL.")] = None,
+    url: Annotated[str | None, URLS_OPTION] = None,
     session: Annotated[str | None, typer.Option(help="Session id.")] = None,
     token: Annotated[str | None, typer.Option(help="Session token.")] = None,
-    shard: Annotated[str, typer.Option(help="Shard index, or 'auto' (random batches).")] = "auto",
-    shards: Annotated[int | None, typer.Option(min=1, help="Number of shards (workers).")] = None,
+    shard: Annotated[
+        str, typer.Option(help="Data shard index, or 'auto' (random batches).")
+    ] = "auto",
+    shards: Annotated[
+        int | None, typer.Option(min=1, help="Number of data shards (workers).")
+    ] = None,
     epochs: Epochs = 20,
     batch: Batch = 32,
     seed: Annotated[int | None, typer.Option(help="Default: from the shard or hostname.")] = None,
@@ -140,10 +157,28 @@ def worker(
 
 
 def create_session(
-    url: Annotated[str, typer.Option(help="Server URL.")],
+    url: Annotated[str, URLS_OPTION],
     out: Annotated[
-        Path, typer.Option(help="Where to write {url, id, token, workers}.", dir_okay=False)
-    ],
+        Path | None,
+        typer.Option(help="Where to write {url, id, token, workers}.", dir_okay=False),
+    ] = None,
+    session_id: Annotated[
+        str | None, typer.Option(help="The session's id (default: a random one).")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="The session's token, 32+ URL-safe characters (default: a random one).",
+            envvar="OPTSERVER_SESSION_TOKEN",
+        ),
+    ] = None,
+    exist_ok: Annotated[
+        bool,
+        typer.Option(
+            help="With --session-id: a session of that id that --token opens is fine (several "
+            "workers may each run this command)."
+        ),
+    ] = False,
     admin_key: AdminKey = None,
     workers: Workers = 3,
     optimizer: Optimizer = "adam",
@@ -154,26 +189,50 @@ def create_session(
     ] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights.")] = 0,
 ) -> None:
-    """Create the demo's session (initial MLP weights) and write its credentials to a file."""
-    from optserver_client import Client
+    """Create the demo's session (initial MLP weights) and write its credentials to a file.
+    Several comma-separated URLs: the session is sharded over them."""
+    from optserver_client import Client, ConflictError, Session, ShardError
 
     from optserver.demo import mlp
     from optserver.demo.run import mode_config, optimizer_config
 
+    if out is None and (session_id is None or token is None):
+        raise typer.BadParameter("give --out, or choose --session-id and --token")
+    if exist_ok and (session_id is None or token is None):
+        raise typer.BadParameter("--exist-ok needs --session-id and --token")
+    existed = False
     with Client(url, admin_key=admin_key) as client:
-        remote = client.create_session(
-            mlp.init_params(seed),
-            optimizer_config(optimizer, lr),
-            mode=mode_config(mode, workers, max_staleness=max_staleness),
-            name="demo",
-        )
+        try:
+            remote = client.create_session(
+                mlp.init_params(seed),
+                optimizer_config(optimizer, lr),
+                mode=mode_config(mode, workers, max_staleness=max_staleness),
+                name="demo",
+                id=session_id,
+                token=token,
+            )
+        except (ConflictError, ShardError) as error:
+            causes = error.errors.values() if isinstance(error, ShardError) else [error]
+            if not exist_ok or not all(isinstance(e, ConflictError) for e in causes):
+                raise
+            assert session_id is not None and token is not None
+            with Session.attach(url, session_id, token) as remote:  # it opens: it is ours
+                remote.info()
+            existed = True
     credentials = {"url": url, "id": remote.id, "token": remote.token, "workers": workers}
-    out.write_text(json.dumps(credentials))
-    print(f"created session {remote.id} ({optimizer}, {mode} mode, {workers} workers) -> {out}")
+    if out is not None:
+        out.write_text(json.dumps(credentials))
+    shards = len(client.urls)
+    where = f" over {shards} shards" if shards > 1 else ""
+    verb = "found existing" if existed else "created"
+    target = f" -> {out}" if out is not None else ""
+    print(
+        f"{verb} session {remote.id} ({optimizer}, {mode} mode, {workers} workers{where}){target}"
+    )
 
 
 def evaluate(
-    url: Annotated[str, typer.Option(help="Server URL.")],
+    url: Annotated[str, URLS_OPTION],
     session: Annotated[str, typer.Option(help="Session id.")],
     token: Annotated[str, typer.Option(help="Session token (or the admin key).")],
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

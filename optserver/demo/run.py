@@ -21,7 +21,7 @@ from rich.table import Table
 
 from optserver.demo import mlp
 from optserver.demo.data import Digits, load_digits
-from optserver.embedded import embedded_server
+from optserver.embedded import embedded_shards
 from optserver.optim import create as create_optimizer
 
 __all__ = [
@@ -177,21 +177,28 @@ def _read_events(processes: list[subprocess.Popen[str]]) -> Iterator[dict[str, A
 
 
 @contextmanager
-def _server(url: str | None) -> Iterator[str]:
+def _server(url: str | None, shards: int) -> Iterator[str]:
+    """The servers' URLs, comma-separated: ``url``, or ``shards`` servers started here."""
     if url is not None:
         yield url
         return
-    with embedded_server() as server:
-        yield server.url
+    with embedded_shards(shards) as servers:
+        yield ",".join(server.url for server in servers)
 
 
 def run_demo(
-    config: DemoConfig, *, live: bool = True, url: str | None = None, admin_key: str | None = None
+    config: DemoConfig,
+    *,
+    live: bool = True,
+    url: str | None = None,
+    admin_key: str | None = None,
+    shards: int = 1,
 ) -> dict[str, Any]:
-    """Train with ``config.workers`` processes through a server; return the summary."""
+    """Train with ``config.workers`` processes through a server (``url``, comma-separated
+    shards, or ``shards`` servers started here); return the summary."""
     data = load_digits()
     console = Console(stderr=True)
-    with _server(url) as server_url, Client(server_url, admin_key=admin_key) as client:
+    with _server(url, shards) as server_url, Client(server_url, admin_key=admin_key) as client:
         session = client.create_session(
             mlp.init_params(config.seed),
             optimizer_config(config.optimizer, config.lr),
@@ -206,8 +213,9 @@ def run_demo(
         progress = _Progress(
             {f"w{k + 1}": {"epochs": config.epochs} for k in range(config.workers)}
         )
+        over = f", {len(client.urls)} shards" if len(client.urls) > 1 else ""
         title = (
-            f"{config.workers} workers, {config.optimizer}, {config.mode} mode, "
+            f"{config.workers} workers{over}, {config.optimizer}, {config.mode} mode, "
             f"{config.epochs} epochs"
         )
         # A live table on a terminal; plain lines, one an epoch, for logs and CI.
@@ -237,10 +245,12 @@ def run_demo(
         weights = session.pull()
         info = session.info()
         session.delete()
+        shard_count = len(client.urls)
     reference = baseline(config, data)
     staleness = info["counters"]["staleness"]
     return {
         "workers": config.workers,
+        "shards": shard_count,
         "mode": config.mode,
         "optimizer": optimizer_config(config.optimizer, config.lr),
         "epochs": config.epochs,

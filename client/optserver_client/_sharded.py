@@ -1,0 +1,533 @@
+"""Sharded sessions, without I/O: each operation of a session spread over several servers
+(see :mod:`optserver_client.sharding`) planned as calls to its shards, and their answers merged.
+
+A :class:`Fanout` is the calls of one operation (shard index -> :class:`Call`) and the function
+that merges their results. The sync and async shells send a fanout's calls at once (threads,
+or tasks) and hand the results to its merge; one rule for errors serves both (:func:`settle`):
+if every call failed, nothing changed anywhere and the first shard's error is raised as it is;
+if some failed and others did not, a :class:`ShardError` names the shards that failed, and for
+a step carries the Idempotency-Key that completes it exactly once when pushed again.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from optserver_client._codec import Array, as_array, decode_json, decode_safetensors, encode_json
+from optserver_client._protocol import (
+    Call,
+    ClientCore,
+    CreatePlan,
+    SessionCore,
+    Tensors,
+    Unset,
+    new_key,
+)
+from optserver_client.exceptions import ConflictError, ProtocolError, ShardError
+from optserver_client.safetensors_io import encode_parts
+from optserver_client.sharding import Layout, Piece
+from optserver_client.vocabulary import (
+    PARAMS_PREFIX,
+    STATE_FORMAT,
+    STATE_FORMAT_KEY,
+    STATE_IDENTITY_KEY,
+    STATE_PREFIX,
+    STATE_RECORD_KEY,
+    ReturnMode,
+)
+
+__all__ = [
+    "Fanout",
+    "ShardedCore",
+    "attach_layout",
+    "create_plans",
+    "exists_already",
+    "import_plans",
+    "join_tensors",
+    "merge_exports",
+    "settle",
+    "split_tensors",
+]
+
+T = TypeVar("T")
+
+_F32 = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class Fanout(Generic[T]):
+    """The calls of one operation on a sharded session, and how their results combine."""
+
+    calls: dict[int, Call[Any]]
+    merge: Callable[[dict[int, Any]], T]
+    #: The Idempotency-Key the calls share (a step's), for the error of a partial failure.
+    key: str | None = None
+
+
+def settle(
+    fanout: Fanout[T],
+    results: dict[int, Any],
+    errors: dict[int, BaseException],
+    urls: Sequence[str],
+) -> T:
+    """The merged result, or the error (see the module's docstring)."""
+    if not errors:
+        return fanout.merge(results)
+    first = min(errors)
+    if not results:
+        raise errors[first]
+    raise ShardError(
+        {index: error for index, error in sorted(errors.items())},
+        {index: urls[index] for index in errors},
+        key=fanout.key,
+    ) from errors[first]
+
+
+def exists_already(error: BaseException) -> bool:
+    """Whether a failed creation failed because the session exists (on every shard that
+    refused it): it is then another creator's, and not to be cleaned up."""
+    causes = error.errors.values() if isinstance(error, ShardError) else [error]
+    return all(isinstance(e, ConflictError) for e in causes)
+
+
+def new_identity() -> tuple[str, str]:
+    """A new session id and token for every shard of a session (what a server would pick)."""
+    return secrets.token_hex(16), secrets.token_urlsafe(32)
+
+
+def _rows(array: Array) -> int:
+    return array.shape[0] if array.ndim else 1
+
+
+def split_tensors(layout: Layout, tensors: Mapping[str, Array]) -> dict[int, dict[str, Array]]:
+    """Per shard, its pieces of ``tensors`` under their shard-side names (views: a chunk of a
+    C-contiguous array is one)."""
+    out: dict[int, dict[str, Array]] = {}
+    for name, array in tensors.items():
+        for piece in layout.pieces(name, _rows(array)):
+            part = array if piece.whole else array[piece.start : piece.stop]
+            out.setdefault(piece.shard, {})[piece.remote] = part
+    return out
+
+
+def join_tensors(layout: Layout, answers: Iterable[Mapping[str, Array]]) -> dict[str, Array]:
+    """The tensors of several shards' answers, chunks joined (in row order) into one array."""
+    whole: dict[str, Array] = {}
+    chunks: dict[str, dict[int, Array]] = {}
+    for answer in answers:
+        for remote, array in answer.items():
+            owner = layout.owner(remote)
+            if owner is None:
+                whole[remote] = array
+            else:
+                chunks.setdefault(owner[0], {})[owner[1]] = array
+    for name, parts in chunks.items():
+        expected = layout.split[name]
+        if len(parts) != expected:
+            raise ProtocolError(f"tensor {name!r}: {len(parts)} of its {expected} chunks came back")
+        whole[name] = np.concatenate([parts[k] for k in range(expected)], axis=0)
+    return whole
+
+
+def _tensor_list(layout: Layout, infos: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The logical tensors (name, shape, dtype) of the shards' descriptions."""
+    whole: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
+    for info in infos:
+        for entry in info.get("params") or ():
+            owner = layout.owner(str(entry.get("name")))
+            if owner is None:
+                whole[str(entry.get("name"))] = dict(entry)
+            else:
+                rows.setdefault(owner[0], {})[owner[1]] = dict(entry)
+    for name, parts in rows.items():
+        first = parts[min(parts)]
+        shape = list(first.get("shape") or [])
+        if shape:
+            shape[0] = sum(int((p.get("shape") or [0])[0]) for p in parts.values())
+        whole[name] = {**first, "name": name, "shape": shape}
+    return [whole[name] for name in sorted(whole)]
+
+
+class ShardedCore:
+    """The calls of one sharded session, and what the client knows of it: the layout, each
+    shard's :class:`SessionCore` (with that shard's version), and the non-finite policy (the
+    client routes a push holding NaN or Inf to the shards of those values only: see
+    :meth:`step`)."""
+
+    def __init__(
+        self, cores: Sequence[SessionCore], layout: Layout, *, nonfinite: str = "reject"
+    ) -> None:
+        if len(cores) != layout.count:
+            raise ValueError(f"{len(cores)} shard sessions for a layout of {layout.count}")
+        self.cores = list(cores)
+        self.layout = layout
+        self.nonfinite = nonfinite
+        self.last_applied: bool | None = None
+
+    @property
+    def id(self) -> str:
+        return self.cores[0].id
+
+    @property
+    def token(self) -> str | None:
+        return self.cores[0].token
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(core.version for core in self.cores)
+
+    @property
+    def version(self) -> int:
+        """The steps every shard has applied (the shards' least version)."""
+        return min(self.versions)
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def step(
+        self,
+        grads: Tensors,
+        *,
+        lr: float | None,
+        params: Tensors | None,
+        base_version: int | None,
+        worker: str | None,
+        return_: ReturnMode,
+        key: str | None,
+    ) -> Fanout[dict[str, Array]]:
+        """One push: each shard gets its pieces of the gradients (and weights), under one
+        Idempotency-Key, so that pushing again with that key applies nothing twice anywhere.
+
+        Under the reject or skip policy, a push holding NaN or Inf goes only to the shards of
+        those values: they refuse it (reject: the 422 is raised as is) or skip it (the other
+        shards' weights are pulled for the answer), and the shards agree on what happened."""
+        key = key if key is not None else new_key()
+        default = self.cores[0].default_dtype
+        grad_arrays = {n: as_array(g, default=default) for n, g in grads.items()}
+        if not grad_arrays:
+            raise ValueError("a step needs at least one gradient")
+        param_arrays = {
+            n: as_array(p, default=self.cores[0].default_dtype) for n, p in (params or {}).items()
+        }
+        grad_parts = split_tensors(self.layout, grad_arrays)
+        param_parts = split_tensors(self.layout, param_arrays)
+        shards = sorted(set(grad_parts))
+        bad = self._nonfinite_shards(grad_arrays)
+        pulls: dict[int, list[str] | None] = {}
+        if bad:
+            shards = sorted(bad)
+            if self.nonfinite == "skip" and return_ != "none":
+                pulls = self._pull_names(grad_arrays, params, return_, skip=set(shards))
+        calls: dict[int, Call[Any]] = {
+            i: self.cores[i].step(
+                grad_parts[i], lr=lr, params=param_parts.get(i), base_version=base_version,
+                worker=worker, return_=return_, key=key,
+            )
+            for i in shards
+        }  # fmt: skip
+        for i, names in pulls.items():
+            calls[i] = self.cores[i].pull(names)
+
+        def merge(results: dict[int, Any]) -> dict[str, Array]:
+            applied = [self.cores[i].last_applied for i in shards]
+            self.last_applied = None if None in applied else all(applied)
+            return join_tensors(self.layout, results.values())
+
+        return Fanout(calls, merge, key)
+
+    def _nonfinite_shards(self, grads: Mapping[str, Array]) -> set[int]:
+        """The shards whose pieces of ``grads`` hold NaN or Inf (none under 'allow')."""
+        if self.nonfinite == "allow":
+            return set()
+        bad: set[int] = set()
+        for name, array in grads.items():
+            if array.dtype.kind != "f" or np.isfinite(array).all():
+                continue
+            for piece in self.layout.pieces(name, _rows(array)):
+                part = array if piece.whole else array[piece.start : piece.stop]
+                if not np.isfinite(part).all():
+                    bad.add(piece.shard)
+        return bad
+
+    def _pull_names(
+        self,
+        grads: Mapping[str, Array],
+        params: Tensors | None,
+        return_: ReturnMode,
+        skip: set[int],
+    ) -> dict[int, list[str] | None]:
+        """Per shard outside ``skip``, the shard-side names a skipped step's answer carries
+        (None: every tensor, for return=all)."""
+        out: dict[int, list[str] | None] = {}
+        if return_ == "all":
+            return {i: None for i in self.layout.shards() if i not in skip}
+        for name, array in {
+            **grads,
+            **{n: as_array(p, default=_F32) for n, p in (params or {}).items()},
+        }.items():
+            for piece in self.layout.pieces(name, _rows(array)):
+                if piece.shard not in skip:
+                    names = out.setdefault(piece.shard, [])
+                    assert names is not None
+                    names.append(piece.remote)
+        return out
+
+    # --- weights ---------------------------------------------------------------------------
+
+    def pull(self, names: str | Iterable[str] | None) -> Fanout[dict[str, Array]]:
+        if names is None:
+            calls = {i: core.pull(None) for i, core in enumerate(self.cores)}
+        else:
+            wanted = [n for n in names.split(",") if n] if isinstance(names, str) else [*names]
+            per: dict[int, list[str]] = {}
+            for name in wanted:
+                for piece in self._stored(name):
+                    per.setdefault(piece.shard, []).append(piece.remote)
+            calls = {i: self.cores[i].pull(remote) for i, remote in sorted(per.items())}
+        return Fanout(calls, lambda results: join_tensors(self.layout, results.values()))
+
+    def _stored(self, name: str) -> list[Piece]:
+        """Where an existing tensor is stored (rows unknown here: chunk names and shards)."""
+        chunks = self.layout.split.get(name)
+        if chunks is None:
+            return self.layout.pieces(name, 1)
+        return self.layout.pieces(name, chunks)
+
+    def set_params(self, params: Tensors) -> Fanout[dict[str, Any]]:
+        arrays = {n: as_array(p, default=self.cores[0].default_dtype) for n, p in params.items()}
+        if not arrays:
+            raise ValueError("set_params needs at least one tensor")
+        parts = split_tensors(self.layout, arrays)
+        calls = {i: self.cores[i].set_params(part) for i, part in sorted(parts.items())}
+        return Fanout(calls, lambda results: self._merged_info(results))
+
+    # --- the session -----------------------------------------------------------------------
+
+    def info(self) -> Fanout[dict[str, Any]]:
+        calls = {i: core.info() for i, core in enumerate(self.cores)}
+        return Fanout(calls, self._merged_info)
+
+    def update(
+        self,
+        *,
+        optimizer: Mapping[str, Any] | None,
+        schedule: Mapping[str, Any] | Unset | None,
+        mode: str | Mapping[str, Any] | None,
+        nonfinite: str | None,
+    ) -> Fanout[dict[str, Any]]:
+        calls = {
+            i: core.update(optimizer=optimizer, schedule=schedule, mode=mode, nonfinite=nonfinite)
+            for i, core in enumerate(self.cores)
+        }
+        return Fanout(calls, self._merged_info)
+
+    def delete(self) -> Fanout[None]:
+        calls = {i: core.delete() for i, core in enumerate(self.cores)}
+        return Fanout(calls, lambda results: None)
+
+    def observe(self, infos: Mapping[int, Mapping[str, Any]]) -> None:
+        """Learn from the shards' descriptions (their versions and the non-finite policy)."""
+        for i, info in infos.items():
+            self.cores[i].observe_info(info)
+            if i == 0 and isinstance(info.get("nonfinite"), str):
+                self.nonfinite = info["nonfinite"]
+
+    def _merged_info(self, results: Mapping[int, Any]) -> dict[str, Any]:
+        """One description of the session: shard 0's, with the least version, the logical
+        tensors, the layout, and every shard's own description under ``shards``."""
+        infos = {i: r for i, r in results.items() if isinstance(r, dict)}
+        self.observe(infos)
+        if not infos:
+            return {}
+        base = dict(infos[min(infos)])
+        base.pop("version", None)
+        sharding = {k: v for k, v in self.layout.descriptor(0).items() if k != "index"}
+        return {
+            **base,
+            "version": self.version,
+            "versions": list(self.versions),
+            "params": _tensor_list(self.layout, infos.values()),
+            "sharding": sharding,
+            "shards": [infos[i] for i in sorted(infos)],
+        }
+
+    # --- state export ----------------------------------------------------------------------
+
+    def export_state(self) -> Fanout[bytes]:
+        """One state document of the whole session (as from one server), which a client of
+        any number of shards imports (:func:`import_plans`): the shards' exports, chunks of
+        weights and state joined."""
+        calls = {i: core.export_state() for i, core in enumerate(self.cores)}
+        return Fanout(calls, lambda results: merge_exports(self.layout, results))
+
+
+def merge_exports(layout: Layout, documents: Mapping[int, bytes]) -> bytes:
+    """The export of a whole session from its shards' exports."""
+    tensors: dict[str, dict[str, Array]] = {}
+    records: dict[int, dict[str, Any]] = {}
+    for i, document in sorted(documents.items()):
+        arrays, metadata = decode_safetensors(document)
+        if metadata.get(STATE_FORMAT_KEY) != STATE_FORMAT or STATE_RECORD_KEY not in metadata:
+            raise ProtocolError(f"shard {i} did not answer with a state export")
+        record = decode_json(metadata[STATE_RECORD_KEY].encode())
+        if not isinstance(record, dict):
+            raise ProtocolError(f"shard {i}'s export record is not a JSON object")
+        records[i] = record
+        for key, array in arrays.items():
+            prefix, remote, field = _export_key(key)
+            tensors.setdefault(prefix + "\0" + field, {})[remote] = array
+    merged: dict[str, Array] = {}
+    for group, arrays in tensors.items():
+        prefix, field = group.split("\0")
+        for name, array in join_tensors(layout, [arrays]).items():
+            merged[prefix + name + field] = array
+    record = dict(records[min(records)])
+    record["version"] = min(int(r.get("version", 0)) for r in records.values())
+    steps: dict[str, int] = {}
+    for r in records.values():
+        for remote, count in dict(r.get("steps") or {}).items():
+            owner = layout.owner(remote)
+            steps.setdefault(remote if owner is None else owner[0], int(count))
+    record["steps"] = steps
+    record.pop("sharding", None)
+    metadata = {STATE_FORMAT_KEY: STATE_FORMAT, STATE_RECORD_KEY: encode_json(record).decode()}
+    return b"".join(bytes(part) for part in encode_parts(merged, metadata))
+
+
+def _export_key(key: str) -> tuple[str, str, str]:
+    """``params/NAME`` -> (params/, NAME, ""); ``state/NAME/FIELD`` -> (state/, NAME, /FIELD)."""
+    if key.startswith(PARAMS_PREFIX):
+        return PARAMS_PREFIX, key[len(PARAMS_PREFIX) :], ""
+    if key.startswith(STATE_PREFIX) and "/" in key[len(STATE_PREFIX) :]:
+        name, _, field = key[len(STATE_PREFIX) :].rpartition("/")
+        return STATE_PREFIX, name, "/" + field
+    raise ProtocolError(f"unexpected tensor {key!r} in a state export")
+
+
+# --- creating and importing -----------------------------------------------------------------
+
+
+def create_plans(
+    clients: Sequence[ClientCore],
+    params: Tensors | None,
+    optimizer: str | Mapping[str, Any],
+    *,
+    mode: str | Mapping[str, Any] | None,
+    schedule: Mapping[str, Any] | None,
+    name: str | None,
+    nonfinite: str | None,
+    dtype: str | None,
+    chunk_bytes: int,
+    id: str | None = None,
+    token: str | None = None,
+) -> tuple[Layout, tuple[str, str], list[CreatePlan]]:
+    """The creation of a session on every shard: one id and token (those given, or new
+    ones), the layout from the weights (cast to ``dtype`` first, so that their sizes are
+    those stored)."""
+    probe = clients[0].create_session(
+        params, optimizer, mode=mode, schedule=schedule, name=name, nonfinite=nonfinite,
+        dtype=dtype,
+    )  # fmt: skip
+    arrays = _initial_arrays(probe, params, dtype)
+    layout = Layout.plan(
+        {n: (a.shape, a.dtype.itemsize) for n, a in arrays.items()}, len(clients), chunk_bytes
+    )
+    parts = split_tensors(layout, arrays)
+    fresh_id, fresh_token = new_identity()
+    id, token = id or fresh_id, token or fresh_token
+    plans = [
+        client.create_session(
+            parts.get(i, {}) or None, optimizer, mode=mode, schedule=schedule, name=name,
+            nonfinite=nonfinite, dtype=dtype, id=id, token=token, sharding=layout.descriptor(i),
+        )
+        for i, client in enumerate(clients)
+    ]  # fmt: skip
+    return layout, (id, token), plans
+
+
+def _initial_arrays(
+    probe: CreatePlan, params: Tensors | None, dtype: str | None
+) -> dict[str, Array]:
+    """The initial weights as the server will store them (the probe plan casts them)."""
+    if params is None:
+        return {}
+    if probe.upload is not None:
+        return probe.upload
+    return {n: as_array(p, None if dtype is None else np.dtype(dtype), default=_F32)
+            for n, p in params.items()}  # fmt: skip
+
+
+def import_plans(
+    clients: Sequence[ClientCore],
+    data: bytes | bytearray | memoryview,
+    name: str | None,
+    chunk_bytes: int,
+) -> tuple[Layout, tuple[str, str], list[Call[SessionCore]]]:
+    """Importing one state document (of a session of any number of shards, as
+    :meth:`ShardedCore.export_state` writes it) onto ``clients``: the weights and state cut
+    anew for these shards, one id and token for all."""
+    arrays, metadata = decode_safetensors(bytes(data))
+    if metadata.get(STATE_FORMAT_KEY) != STATE_FORMAT or STATE_RECORD_KEY not in metadata:
+        raise ValueError("not an optserver state export")
+    record = decode_json(metadata[STATE_RECORD_KEY].encode())
+    if not isinstance(record, dict):
+        raise ValueError("the export's record is not a JSON object")
+    if record.get("sharding"):
+        raise ValueError("the export is one shard's: export the session through a client of all")
+    weights = {
+        key[len(PARAMS_PREFIX) :]: a for key, a in arrays.items() if key.startswith(PARAMS_PREFIX)
+    }
+    layout = Layout.plan(
+        {n: (a.shape, a.dtype.itemsize) for n, a in weights.items()}, len(clients), chunk_bytes
+    )
+    per_shard: dict[int, dict[str, Array]] = {i: {} for i in layout.shards()}
+    for key, array in arrays.items():
+        prefix, tensor, field = _export_key(key)
+        rows = _rows(weights[tensor]) if tensor in weights else _rows(array)
+        for piece in layout.pieces(tensor, rows):
+            part = array if piece.whole else array[piece.start : piece.stop]
+            per_shard[piece.shard][prefix + piece.remote + field] = part
+    steps = dict(record.get("steps") or {})
+    id, token = new_identity()
+    calls = []
+    for i, client in enumerate(clients):
+        shard_steps = {}
+        for tensor, count in steps.items():
+            rows = _rows(weights[tensor]) if tensor in weights else 1
+            for piece in layout.pieces(tensor, rows):
+                if piece.shard == i:
+                    shard_steps[piece.remote] = count
+        shard_record = {**record, "steps": shard_steps, "sharding": layout.descriptor(i)}
+        shard_metadata = {
+            STATE_FORMAT_KEY: STATE_FORMAT,
+            STATE_RECORD_KEY: encode_json(shard_record).decode(),
+            STATE_IDENTITY_KEY: encode_json({"id": id, "token": token}).decode(),
+        }
+        calls.append(client.import_state(encode_parts(per_shard[i], shard_metadata), name))
+    return layout, (id, token), calls
+
+
+def attach_layout(infos: Mapping[int, Mapping[str, Any]], count: int) -> tuple[Layout, list[int]]:
+    """The layout that the shards' descriptions record, and for each shard index the position
+    of its URL in the list given (a list in another order is fine; a wrong one is refused)."""
+    order: dict[int, int] = {}
+    layout: Layout | None = None
+    for position, info in infos.items():
+        descriptor = info.get("sharding")
+        if not isinstance(descriptor, dict):
+            raise ValueError(f"the session at URL {position} is not a sharded session")
+        candidate = Layout.from_descriptor(descriptor)
+        if candidate.count != count:
+            raise ValueError(f"the session has {candidate.count} shards; {count} URLs were given")
+        if layout is not None and candidate != layout:
+            raise ValueError("the shards disagree on the session's layout")
+        layout = candidate
+        order[int(descriptor["index"])] = position
+    if layout is None or sorted(order) != list(range(count)):
+        raise ValueError(f"the URLs given are not the session's {count} shards")
+    return layout, [order[i] for i in range(count)]

@@ -1,0 +1,302 @@
+"""Sharded sessions on real servers: the same as one server, bit for bit; resharding; a shard
+lost mid-step and the step completed exactly once; NaN routed so that the shards agree."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.numpy as stn
+from optserver_client import (
+    AsyncClient,
+    AsyncShardedSession,
+    Client,
+    Session,
+    ShardedSession,
+    ShardError,
+    TransportError,
+    ValidationError,
+)
+from optserver_client._codec import decode_safetensors
+from optserver_client.vocabulary import STATE_RECORD_KEY
+
+from tests.live import LiveServer, live_server
+
+CHUNK = 1 << 12  # small, so that small test tensors are cut
+
+
+def initial(rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "big": rng.standard_normal((203, 17)).astype(np.float32),  # 13.8 kB: cut
+        "bias": rng.standard_normal(9).astype(np.float32),
+        "scale": np.float32(0.5),
+        "emb": rng.standard_normal((50, 64)).astype(np.float32),  # 12.8 kB: cut
+    }
+
+
+def gradients(rng: np.random.Generator, like: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {n: rng.standard_normal(np.shape(a)).astype(np.float32) for n, a in like.items()}
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[LiveServer]]:
+    with live_server() as a, live_server() as b, live_server() as c, live_server() as d:
+        yield [a, b, c, d]
+
+
+def assert_same(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name].shape == np.shape(theirs[name]), name
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def assert_same_exports(ours: bytes, theirs: bytes) -> None:
+    """Weights and optimizer state equal tensor for tensor, and the same version and steps."""
+    a, b = stn.load(ours), stn.load(theirs)
+    assert_same(a, b)
+    ja = json.loads(decode_safetensors(ours)[1][STATE_RECORD_KEY])
+    jb = json.loads(decode_safetensors(theirs)[1][STATE_RECORD_KEY])
+    assert ja["version"] == jb["version"] and ja["steps"] == jb["steps"]
+    assert ja["optimizer"] == jb["optimizer"] and ja.get("sharding") is None
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "adam", "lr": 1e-2, "weight_decay": 0.1, "amsgrad": True},
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+        {"name": "rmsprop", "lr": 1e-2, "centered": True},
+    ],
+)
+def test_a_sharded_session_equals_one_server_bit_for_bit(
+    servers: list[LiveServer], optimizer: dict[str, Any]
+) -> None:
+    rng = np.random.default_rng(1)
+    params = initial(rng)
+    schedule = {"name": "step", "step_size": 3, "gamma": 0.5}
+    with (
+        Client([s.url for s in servers[:3]], chunk_bytes=CHUNK) as sharded,
+        Client(servers[3].url) as single,
+    ):
+        ours = sharded.create_session(params, optimizer, schedule=schedule)
+        theirs = single.create_session(params, optimizer, schedule=schedule)
+        assert isinstance(ours, ShardedSession)
+        info = ours.info()
+        assert info["sharding"] == {"count": 3, "chunk_bytes": CHUNK, "split": {"big": 3, "emb": 3}}
+        assert [p["name"] for p in info["params"]] == sorted(params)
+        assert {p["name"]: p["shape"] for p in info["params"]} == {
+            n: list(np.shape(a)) for n, a in params.items()
+        }
+        for step in range(7):
+            grads = gradients(rng, params)
+            if step == 4:  # a subset of the tensors, and an lr for this step only
+                grads = {"big": grads["big"], "bias": grads["bias"]}
+                assert_same(ours.step(grads, lr=0.05), theirs.step(grads, lr=0.05))
+                continue
+            assert_same(ours.step(grads), theirs.step(grads))
+        assert_same(ours.pull(), theirs.pull())
+        assert_same(ours.pull(["emb", "scale"]), theirs.pull(["emb", "scale"]))
+        assert ours.versions == (7, 7, 7) and ours.version == theirs.version == 7
+        assert_same_exports(ours.export_state(), theirs.export_state())
+        # PATCH reaches every shard.
+        ours.update(optimizer={"lr": 0.001})
+        theirs.update(optimizer={"lr": 0.001})
+        grads = gradients(rng, params)
+        assert_same(ours.step(grads, return_="all"), theirs.step(grads, return_="all"))
+        assert all(s["optimizer"]["lr"] == 0.001 for s in ours.info()["shards"])
+        ours.delete()
+        theirs.delete()
+
+
+def test_sync_rounds_on_every_shard_equal_one_server(servers: list[LiveServer]) -> None:
+    rng = np.random.default_rng(2)
+    params = initial(rng)
+    mode = {"name": "sync", "workers": 2, "timeout_s": 30}
+    pushes = [[gradients(rng, params) for _ in range(4)] for _ in range(2)]
+
+    def train(urls: list[str], session_id: str, token: str) -> list[dict[str, np.ndarray]]:
+        results: list[dict[str, np.ndarray]] = [{}, {}]
+
+        def worker(w: int) -> None:
+            with Session.attach(urls, session_id, token) as session:
+                for grads in pushes[w]:
+                    results[w] = session.step(grads, worker=f"w{w}", return_="all")
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return results
+
+    urls = [s.url for s in servers[:2]]
+    with Client(urls, chunk_bytes=CHUNK) as sharded, Client(servers[2].url) as single:
+        ours = sharded.create_session(params, "adam", mode=mode)
+        theirs = single.create_session(params, "adam", mode=mode)
+        a = train(urls, ours.id, str(ours.token))
+        b = train([servers[2].url], theirs.id, str(theirs.token))
+        for w in range(2):
+            assert_same(a[w], b[w])
+        assert_same(a[0], a[1])  # both workers got the round's weights
+        assert ours.info()["versions"] == [4, 4]
+        assert_same_exports(ours.export_state(), theirs.export_state())
+
+
+def test_resharding_two_to_three_to_one_continues_bit_for_bit(servers: list[LiveServer]) -> None:
+    rng = np.random.default_rng(3)
+    params = initial(rng)
+    opt = {"name": "adamw", "lr": 1e-2}
+    with Client(servers[3].url) as single:
+        reference = single.create_session(params, opt)
+        with Client([s.url for s in servers[:2]], chunk_bytes=CHUNK) as two:
+            session = two.create_session(params, opt)
+            for _ in range(3):
+                g = gradients(rng, params)
+                assert_same(session.step(g), reference.step(g))
+            document = session.export_state()
+        with Client([s.url for s in servers[:3]], chunk_bytes=CHUNK // 2) as three:
+            moved = three.import_state(document)
+            assert moved.info()["sharding"]["count"] == 3 and moved.versions == (3, 3, 3)
+            for _ in range(3):
+                g = gradients(rng, params)
+                assert_same(moved.step(g), reference.step(g))
+            document = moved.export_state()
+        back = single.import_state(document)  # onto one server: an ordinary session
+        assert not isinstance(back, ShardedSession) and back.info()["sharding"] is None
+        g = gradients(rng, params)
+        assert_same(back.step(g), reference.step(g))
+        assert_same_exports(back.export_state(), reference.export_state())
+
+
+def test_attach_takes_the_shards_in_any_order_and_refuses_a_wrong_list(
+    servers: list[LiveServer],
+) -> None:
+    rng = np.random.default_rng(4)
+    params = initial(rng)
+    urls = [s.url for s in servers[:3]]
+    with Client(urls, chunk_bytes=CHUNK) as client:
+        session = client.create_session(params, "sgd")
+        token = str(session.token)
+        with Session.attach(urls[::-1], session.id, token) as again:
+            assert isinstance(again, ShardedSession) and again.urls == tuple(urls)
+            assert_same(again.pull(), session.pull())
+        with pytest.raises(ValueError, match="3 shards; 2 URLs"):
+            Session.attach(urls[:2], session.id, token)
+        with pytest.raises(ValueError, match="not the session's 3 shards"):
+            Session.attach([urls[0], urls[0] + "/", urls[1]], session.id, token)
+
+
+def kill(server: LiveServer) -> None:
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(10)
+
+
+def test_a_step_that_one_shard_missed_completes_exactly_once(tmp_path: Path) -> None:
+    """Shard 1 dies before a step: shard 0 applies it, the worker gets a ShardError naming
+    shard 1; shard 1 comes back from its data directory, the same push with the error's key
+    is applied there and replayed by shard 0: every shard has applied it once."""
+    rng = np.random.default_rng(5)
+    params = initial(rng)
+    steps = [gradients(rng, params) for _ in range(3)]
+    with live_server() as reference_server, Client(reference_server.url) as single:
+        reference = single.create_session(params, "adam")
+        expected = [reference.step(g) for g in steps]
+    with live_server(data_dir=tmp_path / "a") as a:
+        with live_server(data_dir=tmp_path / "b") as b:
+            client = Client([a.url, b.url], chunk_bytes=CHUNK, retries=0)
+            session = client.create_session(params, "adam")
+            assert_same(session.step(steps[0]), expected[0])
+            kill(b)
+            with pytest.raises(ShardError) as caught:
+                session.step(steps[1])
+            error = caught.value
+            assert error.shard == 1 and set(error.errors) == {1} and error.urls[1] == b.url
+            assert isinstance(error.error, TransportError) and error.key is not None
+            assert session.versions == (2, 1)
+            client.close()
+        # The same shard, back from its data directory at a new address.
+        with (
+            live_server(data_dir=tmp_path / "b") as b2,
+            Session.attach([a.url, b2.url], session.id, str(session.token)) as resumed,
+        ):
+            assert_same(resumed.step(steps[1], key=error.key), expected[1])
+            assert resumed.versions == (2, 2)
+            assert_same(resumed.step(steps[2]), expected[2])
+            info = resumed.info()
+            assert info["versions"] == [3, 3]
+            assert [s["counters"]["steps_applied"] for s in info["shards"]] == [3, 3]
+
+
+def test_nan_goes_only_to_its_shard_so_that_the_shards_agree(servers: list[LiveServer]) -> None:
+    rng = np.random.default_rng(6)
+    params = initial(rng)
+    urls = [s.url for s in servers[:3]]
+    with Client(urls, chunk_bytes=CHUNK) as client:
+        strict = client.create_session(params, "adam", nonfinite="reject")
+        before = strict.pull()
+        grads = gradients(rng, params)
+        grads["big"][150, 3] = np.nan  # in one chunk of "big": one shard
+        with pytest.raises(ValidationError) as caught:  # the shard's own 422, not a ShardError
+            strict.step(grads)
+        assert caught.value.problem["tensor"] == "big#2"
+        assert strict.info()["versions"] == [0, 0, 0]
+        assert_same(strict.pull(), before)
+
+        lenient = client.create_session(params, "adam", nonfinite="skip")
+        answer = lenient.step(grads)
+        assert lenient.last_applied is False
+        assert_same(answer, before)  # every stepped tensor, as it was
+        assert lenient.info()["versions"] == [0, 0, 0]
+        grads["big"][150, 3] = 1.0
+        lenient.step(grads)
+        assert lenient.last_applied is True and lenient.versions == (1, 1, 1)
+
+
+def test_the_async_client_shards_alike(servers: list[LiveServer]) -> None:
+    rng = np.random.default_rng(7)
+    params = initial(rng)
+    steps = [gradients(rng, params) for _ in range(3)]
+    urls = [s.url for s in servers[:2]]
+    with Client(servers[2].url) as single:
+        reference = single.create_session(params, "adam")
+        expected = [reference.step(g) for g in steps]
+        expected_state = reference.export_state()
+
+    async def main() -> None:
+        async with AsyncClient(urls, chunk_bytes=CHUNK) as client:
+            session = await client.create_session(params, "adam")
+            assert isinstance(session, AsyncShardedSession)
+            assert_same(await session.step(steps[0]), expected[0])
+            attached = AsyncShardedSession.attach(urls[::-1], session.id, str(session.token))
+            assert not attached.versions  # opened on its first call
+            assert_same(await attached.step(steps[1]), expected[1])
+            assert attached.versions == (2, 2)
+            assert_same(await session.step(steps[2]), expected[2])
+            assert_same_exports(await attached.export_state(), expected_state)
+            await attached.aclose()
+            await session.delete()
+
+    asyncio.run(main())
+
+
+def test_one_shard_through_the_sharded_path_equals_the_plain_one(servers: list[LiveServer]) -> None:
+    rng = np.random.default_rng(8)
+    params = initial(rng)
+    with Client(servers[0].url, sharded=True) as one, Client(servers[1].url) as plain:
+        ours, theirs = one.create_session(params, "adam"), plain.create_session(params, "adam")
+        assert isinstance(ours, ShardedSession) and not isinstance(theirs, ShardedSession)
+        assert ours.info()["sharding"] == {"count": 1, "chunk_bytes": 4 << 20, "split": {}}
+        for _ in range(3):
+            g = gradients(rng, params)
+            assert_same(ours.step(g), theirs.step(g))
+    with pytest.raises(ValueError, match="sharded=False"):
+        Client([servers[0].url, servers[1].url], sharded=False)

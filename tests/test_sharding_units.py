@@ -1,0 +1,147 @@
+"""Placement and chunking of sharded sessions (``optserver_client.sharding`` and the sans-I/O
+planning of ``optserver_client._sharded``), without servers."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from optserver_client._sharded import join_tensors, split_tensors
+from optserver_client.sharding import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_SHARDS,
+    Layout,
+    chunk_name,
+    shard_urls,
+)
+
+
+def test_only_tensors_above_the_threshold_with_two_rows_or_more_are_cut() -> None:
+    layout = Layout.plan(
+        {
+            "big": ((1000, 10), 4),  # 40000 bytes
+            "exact": ((100,), 4),  # 400 bytes: not above
+            "scalar": ((), 8),
+            "one_row": ((1, 100_000), 4),
+            "few_rows": ((3, 10_000), 4),  # 3 rows over 8 shards: 3 chunks
+        },
+        count=8,
+        chunk_bytes=400,
+    )
+    assert layout.split == {"big": 8, "few_rows": 3}
+
+
+def test_the_default_threshold_is_a_few_megabytes() -> None:
+    assert 1 << 20 <= DEFAULT_CHUNK_BYTES <= 16 << 20
+    layout = Layout.plan({"w": ((1 << 20,), 4), "b": ((10,), 4)}, count=2)
+    assert layout.split == {} and Layout.plan({"w": ((2 << 20,), 4)}, count=2).split == {"w": 2}
+
+
+def test_a_name_taken_by_a_chunk_is_refused() -> None:
+    with pytest.raises(ValueError, match="'w#1' has the name of a chunk of 'w'"):
+        Layout.plan({"w": ((100,), 4), "w#1": ((1,), 4)}, count=2, chunk_bytes=10)
+    # Unless that tensor is not cut: then the name is free.
+    assert Layout.plan({"w": ((2,), 4), "w#1": ((1,), 4)}, count=2, chunk_bytes=10).split == {}
+
+
+@pytest.mark.parametrize(
+    ("count", "chunk_bytes", "split"),
+    [(0, 10, {}), (MAX_SHARDS + 1, 10, {}), (2, 0, {}), (2, 10, {"w": 1}), (2, 10, {"w": 3})],
+)
+def test_impossible_layouts_are_refused(
+    count: int, chunk_bytes: int, split: dict[str, int]
+) -> None:
+    with pytest.raises(ValueError, match=r"shards|chunk_bytes|chunks"):
+        Layout(count, chunk_bytes, split)
+
+
+def test_placement_is_sha256_of_the_name_plus_the_chunk_index() -> None:
+    layout = Layout(5)
+    for name in ("w", "layer.0.weight", "ünïcode"):
+        h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+        assert [layout.shard_of(name, k) for k in range(7)] == [(h + k) % 5 for k in range(7)]
+
+
+def test_names_spread_evenly_and_a_tensor_cut_n_ways_uses_every_shard() -> None:
+    layout = Layout(4, 16, {"w": 4})
+    counts = Counter(layout.shard_of(f"layer{i}.weight") for i in range(4000))
+    assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 900
+    assert sorted(piece.shard for piece in layout.pieces("w", 10)) == [0, 1, 2, 3]
+
+
+@given(rows=st.integers(1, 300), chunks=st.integers(2, 16))
+def test_chunks_partition_the_rows_evenly_in_order(rows: int, chunks: int) -> None:
+    chunks = min(chunks, rows) if rows >= 2 else 2
+    if rows < chunks:
+        with pytest.raises(ValueError, match="cannot fill"):
+            Layout(16, 1, {"w": chunks}).pieces("w", rows)
+        return
+    pieces = Layout(16, 1, {"w": chunks}).pieces("w", rows)
+    sizes = [p.stop - p.start for p in pieces]
+    assert [p.start for p in pieces] == [0, *np.cumsum(sizes)[:-1].tolist()]
+    assert sum(sizes) == rows and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first rows % chunks get the extra row
+    assert [p.remote for p in pieces] == [chunk_name("w", k) for k in range(chunks)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(1, 6),
+    shapes=st.lists(
+        st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple), min_size=1, max_size=5
+    ),
+    chunk_bytes=st.sampled_from([1, 16, 64, 1 << 20]),
+)
+def test_split_then_join_gives_back_every_tensor_from_views(
+    count: int, shapes: list[tuple[int, ...]], chunk_bytes: int
+) -> None:
+    rng = np.random.default_rng(0)
+    tensors = {
+        f"t{i}": rng.standard_normal(shape).astype(np.float32) for i, shape in enumerate(shapes)
+    }
+    layout = Layout.plan({n: (a.shape, a.itemsize) for n, a in tensors.items()}, count, chunk_bytes)
+    parts = split_tensors(layout, tensors)
+    assert set(parts) <= set(range(count))
+    for part in parts.values():
+        for remote, array in part.items():
+            owner = layout.owner(remote)
+            source = tensors[remote if owner is None else owner[0]]
+            assert array.size == 0 or np.shares_memory(array, source)  # a view: no copy
+            assert array.flags.c_contiguous
+    joined = join_tensors(layout, parts.values())
+    assert joined.keys() == tensors.keys()
+    for name, array in tensors.items():
+        assert joined[name].shape == array.shape and np.array_equal(joined[name], array)
+
+
+def test_owner_reads_only_the_chunks_of_cut_tensors() -> None:
+    layout = Layout(3, 1, {"w": 3, "a#b": 2})
+    assert layout.owner("w#2") == ("w", 2)
+    assert layout.owner("a#b#1") == ("a#b", 1)
+    for name in ("w#3", "w#02", "w#-1", "w", "x#0", "w#", "a#b"):
+        assert layout.owner(name) is None, name
+
+
+def test_descriptors_round_trip_and_bad_ones_are_refused() -> None:
+    layout = Layout(3, 1234, {"w": 2})
+    for index in range(3):
+        descriptor: dict[str, Any] = layout.descriptor(index)
+        assert descriptor["index"] == index
+        assert Layout.from_descriptor(descriptor) == layout
+    for bad in ({}, {"count": "x", "chunk_bytes": 1}, {"count": 2, "chunk_bytes": 1, "split": 5}):
+        with pytest.raises(ValueError, match="not a sharding description"):
+            Layout.from_descriptor(bad)
+
+
+def test_shard_urls_from_a_list_or_a_comma_separated_string() -> None:
+    assert shard_urls("http://a:1") == ["http://a:1"]
+    assert shard_urls(" http://a:1, http://b:2 ,") == ["http://a:1", "http://b:2"]
+    assert shard_urls(("http://a:1", "http://b:2")) == ["http://a:1", "http://b:2"]
+    for bad in ("", [], ",", ["http://a:1", "http://a:1"]):
+        with pytest.raises(ValueError, match=r"no server URL|listed twice"):
+            shard_urls(bad)

@@ -40,13 +40,15 @@ def embedded_server(
     startup_timeout: float = 30.0,
     quiet: bool = True,
     log_file: Path | None = None,
+    port: int | None = None,
     **settings: object,
 ) -> Iterator[EmbeddedServer]:
     """Run ``python -m optserver serve`` with ``OPTSERVER_*`` settings until the block ends.
 
-    ``log_file``: where the server's output goes (default: this process's).
+    ``log_file``: where the server's output goes (default: this process's); ``port``: its
+    port (default: a free one; a server restarted on its port keeps its address).
     """
-    port = free_port()
+    port = free_port() if port is None else port
     env = {**os.environ, "OPTSERVER_HOST": "127.0.0.1", "OPTSERVER_PORT": str(port)}
     if quiet:
         env["OPTSERVER_LOG_LEVEL"] = "warning"

@@ -300,3 +300,39 @@ def test_one_shard_through_the_sharded_path_equals_the_plain_one(servers: list[L
             assert_same(ours.step(g), theirs.step(g))
     with pytest.raises(ValueError, match="sharded=False"):
         Client([servers[0].url, servers[1].url], sharded=False)
+
+
+def test_train_step_waits_out_a_shard_restart_and_applies_the_step_once(tmp_path: Path) -> None:
+    """A worker's train_step with patience keeps pushing the same gradients (same key) while a
+    shard is down; once the shard is back on its address, every shard has applied it once."""
+    rng = np.random.default_rng(9)
+    params = initial(rng)
+    steps = [gradients(rng, params) for _ in range(2)]
+    with live_server() as reference_server, Client(reference_server.url) as single:
+        reference = single.create_session(params, "sgd")
+        expected = [reference.step(g) for g in steps]
+    with live_server(data_dir=tmp_path / "a") as a:
+        with live_server(data_dir=tmp_path / "b") as b:
+            port = int(b.url.rsplit(":", 1)[1])
+            client = Client([a.url, b.url], chunk_bytes=CHUNK, retries=1, backoff=0.05)
+            session = client.create_session(params, "sgd")
+            weights = session.train_step(lambda w: steps[0])
+            assert_same(weights, expected[0])
+            kill(b)
+            outcome: list[Any] = []
+            worker = threading.Thread(
+                target=lambda: outcome.append(
+                    session.train_step(lambda w: steps[1], weights, patience=60)
+                )
+            )
+            worker.start()
+            worker.join(2)
+            assert worker.is_alive() and session.versions == (2, 1)  # waiting for shard 1
+        with live_server(data_dir=tmp_path / "b", port=port):
+            worker.join(60)
+            assert not worker.is_alive() and len(outcome) == 1
+            assert_same(outcome[0], expected[1])
+            assert session.versions == (2, 2)
+            info = session.info()
+            assert [s["counters"]["steps_applied"] for s in info["shards"]] == [2, 2]
+            client.close()

@@ -4,14 +4,18 @@ planning of ``optserver_client._sharded``), without servers."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from optserver_client._protocol import PushRetries, retry_push
 from optserver_client._sharded import join_tensors, split_tensors
+from optserver_client.exceptions import ConflictError, ShardError, TransportError, ValidationError
 from optserver_client.sharding import (
     DEFAULT_CHUNK_BYTES,
     MAX_SHARDS,
@@ -145,3 +149,49 @@ def test_shard_urls_from_a_list_or_a_comma_separated_string() -> None:
     for bad in ("", [], ",", ["http://a:1", "http://a:1"]):
         with pytest.raises(ValueError, match=r"no server URL|listed twice"):
             shard_urls(bad)
+
+
+def _problem(status: int, slug: str | None = None) -> Exception:
+    from optserver_client.exceptions import error_from_parts
+    from optserver_client.vocabulary import PROBLEM, problem_type
+
+    body: dict[str, Any] = {"status": status, "title": "t", "detail": "d"}
+    if slug is not None:
+        body["type"] = problem_type(slug)
+    return error_from_parts(status, {"Content-Type": PROBLEM}, json.dumps(body).encode())
+
+
+def test_what_train_step_does_after_each_kind_of_failure() -> None:
+    outage = TransportError("down", error=httpx.ConnectError("refused"), attempts=1)
+    stale, failed = _problem(409, "stale-gradient"), _problem(409, "round-failed")
+    unavailable, invalid = _problem(503), _problem(422, "nonfinite")
+    assert [retry_push(e) for e in (outage, unavailable, stale, failed, invalid)] == [
+        "outage", "outage", "recompute", "repeat", None,
+    ]  # fmt: skip
+
+    def partial(*errors: Exception) -> ShardError:
+        return ShardError(dict(enumerate(errors)), {}, key="k")
+
+    assert retry_push(partial(outage, unavailable)) == "outage"
+    assert retry_push(partial(stale)) == retry_push(partial(outage, failed)) == "complete"
+    assert retry_push(partial(stale, invalid)) is None
+
+
+def test_push_retries_keep_the_key_but_for_new_gradients_and_bound_everything() -> None:
+    outage = TransportError("down", error=httpx.ConnectError("refused"), attempts=1)
+    push = PushRetries(base_version=7, retries=2, patience=10.0)
+    key = push.key
+    assert push.after(outage, now=100.0) == "outage" and push.key == key
+    assert push.after(outage, now=109.0) == "outage"
+    with pytest.raises(TransportError):  # patience spent
+        push.after(outage, now=110.0)
+    assert push.after(ShardError({0: _problem(409, "stale-gradient")}, {}), 111.0) == "complete"
+    assert push.key == key and push.base_version is None  # the same push, finished anywhere
+    assert push.after(_problem(409, "stale-gradient"), 112.0) == "recompute"
+    assert push.key != key  # other gradients: another key
+    with pytest.raises(ConflictError):  # the retry budget (2) is spent
+        push.after(_problem(409, "stale-gradient"), 113.0)
+    with pytest.raises(ValidationError):
+        PushRetries(0, 5, 0.0).after(_problem(422), 0.0)
+    with pytest.raises(TransportError):  # no patience: an outage is raised at once
+        PushRetries(0, 5, 0.0).after(outage, 0.0)

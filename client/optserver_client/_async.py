@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -28,15 +29,16 @@ import httpx
 from optserver_client._client import DEFAULT_URL
 from optserver_client._codec import Array, TensorLike
 from optserver_client._protocol import (
+    OUTAGE_PAUSE_S,
     UNSET,
     BodyReader,
     Call,
     ClientCore,
+    PushRetries,
     Reply,
     SessionCore,
     Tensors,
     Unset,
-    retry_push,
 )
 from optserver_client._retry import RetryPolicy
 from optserver_client._sharded import (
@@ -50,7 +52,7 @@ from optserver_client._sharded import (
 )
 from optserver_client._wire import AsyncTransport, usable
 from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
-from optserver_client.exceptions import ConflictError, ShardError, StaleGradientError
+from optserver_client.exceptions import OptserverError
 from optserver_client.sharding import DEFAULT_CHUNK_BYTES, shard_urls
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
@@ -416,38 +418,38 @@ class AsyncSession:
         worker: str | None = None,
         lr: float | None = None,
         retries: int = 5,
+        patience: float = 0.0,
     ) -> dict[str, Array]:
         """See :meth:`Session.train_step`; ``compute`` may be a coroutine function.
 
-        One worker iteration that copes with staleness and failed rounds.
+        One worker iteration that copes with staleness, failed rounds and outages.
 
         ``compute(weights)`` returns gradients; they are pushed with ``base_version`` = the
         version of ``weights`` (those returned by the previous ``train_step`` or ``pull``; pulled
         when None). If the server refuses them as stale (ssp, or late for a sync round), fresh
         weights are pulled and ``compute`` runs again; if a sync round failed at its deadline,
-        the same gradients are pushed again; at most ``retries`` times. Returns the new weights
-        (every tensor).
+        the same gradients are pushed again; at most ``retries`` times. If a server cannot be
+        reached or fails (a shard restarting), the same push is sent again, with the same
+        Idempotency-Key, for up to ``patience`` seconds: it is applied exactly once, on every
+        shard. Returns the new weights (every tensor).
         """
         if weights is None:
             weights = await self.pull()
         grads = await _maybe_await(compute(weights))
-        key: str | None = None
-        base: int | None = self.version
-        for attempt in range(retries + 1):
+        push = PushRetries(self.version, retries, patience)
+        while True:
             try:
                 return await self.step(
-                    grads, base_version=base, worker=worker, lr=lr, return_="all", key=key
-                )
-            except (StaleGradientError, ConflictError, ShardError) as error:
-                action = retry_push(error)
-                if action is None or attempt == retries:
-                    raise
-                if action == "complete" and isinstance(error, ShardError):
-                    key, base = error.key, None  # some shards applied it: the others must too
+                    grads, base_version=push.base_version, worker=worker, lr=lr,
+                    return_="all", key=push.key,
+                )  # fmt: skip
+            except OptserverError as error:
+                action = push.after(error, time.monotonic())
+                if action == "outage":
+                    await asyncio.sleep(OUTAGE_PAUSE_S)
                 elif action == "recompute":
                     grads = await _maybe_await(compute(await self.pull()))
-                    base = self.version
-        raise AssertionError("unreachable")  # pragma: no cover
+                    push.recomputed(self.version)
 
     async def push(
         self,

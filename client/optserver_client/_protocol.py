@@ -33,8 +33,10 @@ from optserver_client._retry import Retry
 from optserver_client.exceptions import (
     ConflictError,
     ProtocolError,
+    ServerError,
     ShardError,
     StaleGradientError,
+    TransportError,
     error_from_parts,
 )
 from optserver_client.safetensors_io import Buffer, allocate, encode_parts
@@ -577,19 +579,68 @@ def _json_tensors(arrays: Mapping[str, Array]) -> dict[str, Any]:
 _ROUND_FAILED = problem_type(ProblemSlug.ROUND_FAILED)
 
 
-def retry_push(error: Exception) -> Literal["recompute", "repeat", "complete"] | None:
+PushAction = Literal["recompute", "repeat", "complete", "outage"]
+
+
+def retry_push(error: BaseException) -> PushAction | None:
     """What :meth:`Session.train_step` does after ``error``: pull and recompute the gradients
-    (they are stale), push the same ones again (a sync round failed, nothing was applied),
+    (they are stale); push the same ones again (a sync round failed, nothing was applied);
     complete the push (some shards of a sharded session applied it, the others refused it as
     stale or for a failed round: the same gradients again, with the same key and no base
-    version, so that every shard applies it once), or nothing (re-raise)."""
+    version, so that every shard applies it once); wait out an outage (a server unreachable
+    or failing: the same push again, same key, once it answers); or nothing (re-raise)."""
     if isinstance(error, ShardError):
-        causes = [e for e in error.errors.values() if isinstance(e, Exception)]
-        if len(causes) == len(error.errors) and all(retry_push(e) is not None for e in causes):
-            return "complete"
-        return None
+        actions = {retry_push(e) for e in error.errors.values()}
+        if actions == {"outage"}:
+            return "outage"
+        return "complete" if None not in actions else None
+    if isinstance(error, (TransportError, ServerError)):
+        return "outage"
     if isinstance(error, StaleGradientError):
         return "recompute"
     if isinstance(error, ConflictError) and error.type == _ROUND_FAILED:
         return "repeat"
     return None
+
+
+class PushRetries:
+    """The bookkeeping of one :meth:`Session.train_step`: its Idempotency-Key and base version
+    as they change with each refusal, the retry budget, and the outage deadline
+    (``patience`` seconds after the first outage; 0: an outage is raised at once)."""
+
+    def __init__(self, base_version: int | None, retries: int, patience: float) -> None:
+        self.key = new_key()
+        self.base_version = base_version
+        self.retries = retries
+        self.patience = patience
+        self._attempts = 0
+        self._deadline: float | None = None
+
+    def after(self, error: BaseException, now: float) -> PushAction:
+        """What to do next (the caller recomputes, or waits :data:`OUTAGE_PAUSE_S` for an
+        outage); re-raises ``error`` when the budget or the patience is spent."""
+        action = retry_push(error)
+        if action is None:
+            raise error
+        if action == "outage":
+            if self._deadline is None:
+                self._deadline = now + self.patience
+            if now >= self._deadline:
+                raise error
+            return action
+        self._deadline = None
+        self._attempts += 1
+        if self._attempts > self.retries:
+            raise error
+        if action == "complete":
+            self.base_version = None  # some shards took it: no shard may refuse it now
+        elif action == "recompute":
+            self.key = new_key()  # other gradients: another push
+        return action
+
+    def recomputed(self, base_version: int) -> None:
+        self.base_version = base_version
+
+
+#: Between two pushes of the same gradients while a server is out.
+OUTAGE_PAUSE_S = 0.5

@@ -114,6 +114,12 @@ def worker(
         str | None, typer.Option(help="Default: from the shard or hostname.")
     ] = None,
     log: Annotated[LogFormat, typer.Option(help="Progress lines as text or JSON.")] = "text",
+    patience: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Seconds to keep pushing a step while a server is out (restarting)."
+        ),
+    ] = 120.0,
 ) -> None:
     """Train on one shard of the demo data, pushing gradients to a session."""
     import socket
@@ -151,6 +157,7 @@ def worker(
         epochs=epochs,
         batch=batch,
         seed=seed if seed is not None else (index + 1 if index is not None else auto_seed()),
+        patience=patience,
     )
     with Session.attach(url, session_id, token) as remote:
         run_worker(remote, plan, printer(log))

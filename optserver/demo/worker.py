@@ -37,6 +37,8 @@ class WorkerPlan:
     epochs: int = 20
     batch: int = 32
     seed: int = 0
+    #: Seconds to keep pushing one step while a server is out (a shard restarting).
+    patience: float = 120.0
 
 
 def auto_seed() -> int:
@@ -70,7 +72,9 @@ def run_worker(
             chosen = order[(np.arange(plan.batch) + k * plan.batch) % len(y)]
             compute = _batch_gradients(x[chosen], y[chosen], losses)
             base = session.version
-            weights = session.train_step(compute, weights, worker=plan.worker, retries=RETRIES)
+            weights = session.train_step(
+                compute, weights, worker=plan.worker, retries=RETRIES, patience=plan.patience
+            )
             # Steps by other workers between the weights used and this one's own step.
             staleness.append(max(0, session.version - 1 - base))
             steps += 1

@@ -94,6 +94,7 @@ class Target:
     session_id: str = ""
     token: str = ""
     rpc_channels: tuple[str, ...] = ()
+    sharded: bool = False  # optserver: a sharded session (``url`` lists its shards)
 
 
 @dataclass
@@ -352,7 +353,9 @@ def rpc_step(target: Target, rank: int) -> tuple[Step, Callable[[], None]]:
 def optserver_step(target: Target, rank: int) -> tuple[Step, Callable[[], None]]:
     from optserver_client import Session
 
-    session = Session.attach(target.url, target.session_id, target.token, timeout=300)
+    session = Session.attach(
+        target.url, target.session_id, target.token, timeout=300, sharded=target.sharded or None
+    )
     grads = {"w": gradients(target.size, rank)}
 
     def step() -> dict[str, np.ndarray]:

@@ -195,3 +195,20 @@ def test_push_retries_keep_the_key_but_for_new_gradients_and_bound_everything() 
         PushRetries(0, 5, 0.0).after(_problem(422), 0.0)
     with pytest.raises(TransportError):  # no patience: an outage is raised at once
         PushRetries(0, 5, 0.0).after(outage, 0.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.sampled_from([0.0, 1.0, -2.5, 3e38, -3e38, 1e19, np.nan, np.inf, -np.inf]),
+        max_size=20,
+    ),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+)
+def test_the_fast_finite_test_agrees_with_numpy(values: list[float], dtype: Any) -> None:
+    from optserver_client._sharded import _all_finite
+
+    with np.errstate(over="ignore"):
+        array = np.array(values, dtype=dtype)  # 3e38 is inf in float16
+    assert _all_finite(array) == bool(np.isfinite(array).all())  # and no warning
+    assert _all_finite(array.reshape(-1, 1)[::2]) == bool(np.isfinite(array[::2]).all())

@@ -336,3 +336,34 @@ def test_train_step_waits_out_a_shard_restart_and_applies_the_step_once(tmp_path
             info = session.info()
             assert [s["counters"]["steps_applied"] for s in info["shards"]] == [2, 2]
             client.close()
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "httpx"])
+def test_answers_are_read_straight_into_one_array_per_tensor(
+    servers: list[LiveServer], monkeypatch: pytest.MonkeyPatch, fast_path: bool
+) -> None:
+    import optserver_client._protocol as protocol
+    from optserver_client.safetensors_io import DocumentSink
+
+    sinks: list[DocumentSink] = []
+
+    class Recording(DocumentSink):
+        def __init__(self, size: int, into: Any) -> None:
+            super().__init__(size, into)
+            sinks.append(self)
+
+    monkeypatch.setattr(protocol, "DocumentSink", Recording)
+    rng = np.random.default_rng(10)
+    params = initial(rng)
+    with Client([s.url for s in servers[:3]], chunk_bytes=CHUNK, fast_path=fast_path) as client:
+        session = client.create_session(params, "adam")
+        grads = gradients(rng, params)
+        answer = session.step(grads)
+        with Client(servers[3].url) as single:
+            assert_same(answer, single.create_session(params, "adam").step(grads))
+    # One sink per shard, each placing the chunks of "big" and "emb" it holds in place.
+    assert len(sinks) == 3
+    landed = sorted(name for sink in sinks for name in sink.landed)
+    assert landed == sorted([f"big#{k}" for k in range(3)] + [f"emb#{k}" for k in range(3)])
+    for name in ("big", "emb"):
+        assert answer[name].flags.owndata and answer[name].flags.c_contiguous

@@ -319,9 +319,9 @@ class AsyncClient:
     async def _send(self, call: Call[Any]) -> Reply:
         if self._wire is not None:
             answer = await self._wire.request(
-                call.method, call.path, call.params, call.headers, call.body_parts()
+                call.method, call.path, call.params, call.headers, call.body_parts(), call.sink
             )
-            return Reply(answer.status, httpx.Headers(answer.headers), answer.body)
+            return Reply(answer.status, httpx.Headers(answer.headers), answer.body, answer.decoded)
         content, extra = call.request_content()
         request = self._http.build_request(
             call.method, call.path, params=call.params, headers={**call.headers, **extra},
@@ -329,12 +329,14 @@ class AsyncClient:
         )  # fmt: skip
         response = await self._http.send(request, stream=True)
         try:
-            reader = BodyReader(response.headers, self._buffers.allocate)
+            reader = BodyReader(
+                response.status_code, response.headers, self._buffers.allocate, call.sink
+            )
             async for chunk in response.aiter_bytes():
                 reader.feed(chunk)
         finally:
             await response.aclose()
-        return Reply(response.status_code, response.headers, reader.body())
+        return Reply(response.status_code, response.headers, reader.body(), reader.decoded())
 
 
 class AsyncSession:

@@ -338,9 +338,9 @@ class Client:
     def _send(self, call: Call[Any]) -> Reply:
         if self._wire is not None:
             answer = self._wire.request(
-                call.method, call.path, call.params, call.headers, call.body_parts()
+                call.method, call.path, call.params, call.headers, call.body_parts(), call.sink
             )
-            return Reply(answer.status, httpx.Headers(answer.headers), answer.body)
+            return Reply(answer.status, httpx.Headers(answer.headers), answer.body, answer.decoded)
         content, extra = call.request_content()
         request = self._http.build_request(
             call.method, call.path, params=call.params, headers={**call.headers, **extra},
@@ -348,12 +348,14 @@ class Client:
         )  # fmt: skip
         response = self._http.send(request, stream=True)
         try:
-            reader = BodyReader(response.headers, self._buffers.allocate)
+            reader = BodyReader(
+                response.status_code, response.headers, self._buffers.allocate, call.sink
+            )
             for chunk in response.iter_bytes():
                 reader.feed(chunk)
         finally:
             response.close()
-        return Reply(response.status_code, response.headers, reader.body())
+        return Reply(response.status_code, response.headers, reader.body(), reader.decoded())
 
 
 class Session:

@@ -39,7 +39,13 @@ from optserver_client.exceptions import (
     TransportError,
     error_from_parts,
 )
-from optserver_client.safetensors_io import Buffer, allocate, encode_parts
+from optserver_client.safetensors_io import (
+    Buffer,
+    DocumentSink,
+    SafetensorsError,
+    allocate,
+    encode_parts,
+)
 from optserver_client.vocabulary import (
     APPLIED_KEY,
     BASE_VERSION_KEY,
@@ -73,6 +79,8 @@ _F16 = np.dtype("<f2")
 _F32 = np.dtype("<f4")
 
 Tensors: TypeAlias = Mapping[str, TensorLike]
+#: See ``_wire.SinkFactory``: a response's status, media type and size -> a sink or None.
+SinkFactory: TypeAlias = Callable[[int, str, int], DocumentSink | None]
 
 
 class Unset(enum.Enum):
@@ -95,6 +103,9 @@ class Reply:
     status: int
     headers: httpx.Headers
     body: Buffer
+    #: The tensors and metadata of a body read into place (see :attr:`Call.into`); ``body`` is
+    #: then empty.
+    decoded: tuple[dict[str, Array], dict[str, str]] | None = None
 
     @property
     def media_type(self) -> str:
@@ -116,18 +127,31 @@ class Reply:
 
 class BodyReader:
     """Collects a response body into one writable buffer, preallocated from Content-Length
-    (numpy memory: no zero-filling, huge pages), so that arrays decoded from it are views."""
+    (numpy memory: no zero-filling, huge pages), so that arrays decoded from it are views; or,
+    when ``sink`` offers one, into a :class:`DocumentSink` (each tensor in its place)."""
 
     def __init__(
-        self, headers: httpx.Headers, allocate: Callable[[int], memoryview] = allocate
+        self,
+        status: int,
+        headers: httpx.Headers,
+        allocate: Callable[[int], memoryview] = allocate,
+        sink: SinkFactory | None = None,
     ) -> None:
         declared = headers.get("content-length")
         self._size = int(declared) if declared and declared.isdigit() else None
-        self._fixed = allocate(self._size) if self._size else None
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        self._document = sink(status, media, self._size) if sink and self._size else None
+        self._fixed = allocate(self._size) if self._size and not self._document else None
         self._grown = bytearray()
         self._position = 0
 
     def feed(self, chunk: bytes) -> None:
+        if self._document is not None:
+            try:
+                self._document.feed(chunk)
+            except SafetensorsError as exc:
+                raise ProtocolError(f"invalid safetensors document: {exc}") from None
+            return
         end = self._position + len(chunk)
         if self._fixed is not None and end <= len(self._fixed):
             self._fixed[self._position : end] = chunk
@@ -142,6 +166,14 @@ class BodyReader:
         if self._fixed is not None:
             return self._fixed[: self._position]
         return self._grown
+
+    def decoded(self) -> tuple[dict[str, Array], dict[str, str]] | None:
+        if self._document is None:
+            return None
+        try:
+            return self._document.result()
+        except SafetensorsError as exc:
+            raise ProtocolError(f"invalid safetensors document: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +192,16 @@ class Call(Generic[T]):
     headers: dict[str, str] = field(default_factory=dict)
     #: One buffer, or pieces sent in order (a safetensors header, then views of the arrays).
     content: Buffer | tuple[Buffer, ...] | None = None
+    #: Arrays that a successful safetensors answer's tensors of these names are read into
+    #: (same dtype and shape; any other tensor gets a new array): no copy after the read.
+    into: Mapping[str, Array] | None = None
+
+    def sink(self, status: int, media_type: str, size: int) -> DocumentSink | None:
+        """Where a response body goes: a sink into :attr:`into` for a successful
+        safetensors answer, else None (one buffer)."""
+        if self.into is None or not 200 <= status < 300 or media_type != BINARY:
+            return None
+        return DocumentSink(size, self.into)
 
     def body_parts(self) -> tuple[Buffer, ...]:
         """The body as buffers to send one after the other (none: no body)."""
@@ -338,9 +380,10 @@ class SessionCore:
         worker: str | None,
         return_: ReturnMode,
         key: str | None = None,
+        into: Mapping[str, Array] | None = None,
     ) -> Call[dict[str, Array]]:
         """POST .../step; the result is the returned weights (empty for return="none").
-        ``key``: its Idempotency-Key (default: a new one)."""
+        ``key``: its Idempotency-Key (default: a new one); ``into``: see :attr:`Call.into`."""
         if return_ not in RETURN_MODES:
             modes = ", ".join(repr(mode) for mode in RETURN_MODES)
             raise ValueError(f"return_ must be one of {modes}, not {return_!r}")
@@ -388,6 +431,7 @@ class SessionCore:
             params={"return": return_},
             headers=headers,
             content=content,
+            into=into,
         )
 
     def pull(self, names: str | Iterable[str] | None) -> Call[dict[str, Array]]:
@@ -502,7 +546,11 @@ class SessionCore:
 
     def _decode(self, reply: Reply) -> tuple[dict[str, Array], Mapping[str, Any]]:
         """Tensors and scalars of a response that carries weights, in either encoding."""
-        if reply.media_type == BINARY:
+        if reply.decoded is not None:
+            tensors, scalars = reply.decoded
+            for name, array in tensors.items():
+                self.dtypes.setdefault(name, array.dtype)
+        elif reply.media_type == BINARY:
             tensors, scalars = decode_safetensors(reply.body)
             for name, array in tensors.items():
                 self.dtypes.setdefault(name, array.dtype)

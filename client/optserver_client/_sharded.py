@@ -127,8 +127,14 @@ def split_tensors(layout: Layout, tensors: Mapping[str, Array]) -> dict[int, dic
     return out
 
 
-def join_tensors(layout: Layout, answers: Iterable[Mapping[str, Array]]) -> dict[str, Array]:
-    """The tensors of several shards' answers, chunks joined (in row order) into one array."""
+def join_tensors(
+    layout: Layout,
+    answers: Iterable[Mapping[str, Array]],
+    outputs: Mapping[str, Array] | None = None,
+) -> dict[str, Array]:
+    """The tensors of several shards' answers, chunks joined (in row order) into one array:
+    the one of ``outputs`` for that tensor, where the chunks were read in place (any chunk that
+    was not is copied there), else a new one."""
     whole: dict[str, Array] = {}
     chunks: dict[str, dict[int, Array]] = {}
     for answer in answers:
@@ -142,8 +148,38 @@ def join_tensors(layout: Layout, answers: Iterable[Mapping[str, Array]]) -> dict
         expected = layout.split[name]
         if len(parts) != expected:
             raise ProtocolError(f"tensor {name!r}: {len(parts)} of its {expected} chunks came back")
-        whole[name] = np.concatenate([parts[k] for k in range(expected)], axis=0)
+        ordered = [parts[k] for k in range(expected)]
+        out = (outputs or {}).get(name)
+        if out is None or out.shape[1:] != ordered[0].shape[1:] or out.dtype != ordered[0].dtype:
+            whole[name] = np.concatenate(ordered, axis=0)
+            continue
+        start = 0
+        for part in ordered:
+            stop = start + part.shape[0]
+            if not np.shares_memory(part, out):  # not read in place: copied once
+                out[start:stop] = part
+            start = stop
+        whole[name] = out
     return whole
+
+
+def _outputs(
+    layout: Layout, cores: Sequence[SessionCore], grads: Mapping[str, Array]
+) -> tuple[dict[str, Array], dict[int, dict[str, Array]]]:
+    """For a step's answer: one array per pushed tensor that is cut into chunks (the weights'
+    dtype, as far as the shard told it, and the gradient's shape), and per shard the views of
+    them that its chunks are read into."""
+    outputs: dict[str, Array] = {}
+    into: dict[int, dict[str, Array]] = {}
+    for name, grad in grads.items():
+        if name not in layout.split or grad.ndim == 0:
+            continue
+        pieces = layout.pieces(name, grad.shape[0])
+        dtype = cores[pieces[0].shard].dtypes.get(pieces[0].remote, grad.dtype)
+        out = outputs[name] = np.empty(grad.shape, dtype)
+        for piece in pieces:
+            into.setdefault(piece.shard, {})[piece.remote] = out[piece.start : piece.stop]
+    return outputs, into
 
 
 def _tensor_list(layout: Layout, infos: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -235,10 +271,13 @@ class ShardedCore:
             shards = sorted(bad)
             if self.nonfinite == "skip" and return_ != "none":
                 pulls = self._pull_names(grad_arrays, params, return_, skip=set(shards))
+        outputs, into = (
+            _outputs(self.layout, self.cores, grad_arrays) if return_ != "none" else ({}, {})
+        )
         calls: dict[int, Call[Any]] = {
             i: self.cores[i].step(
                 grad_parts[i], lr=lr, params=param_parts.get(i), base_version=base_version,
-                worker=worker, return_=return_, key=key,
+                worker=worker, return_=return_, key=key, into=into.get(i),
             )
             for i in shards
         }  # fmt: skip
@@ -248,7 +287,7 @@ class ShardedCore:
         def merge(results: dict[int, Any]) -> dict[str, Array]:
             applied = [self.cores[i].last_applied for i in shards]
             self.last_applied = None if None in applied else all(applied)
-            return join_tensors(self.layout, results.values())
+            return join_tensors(self.layout, results.values(), outputs)
 
         return Fanout(calls, merge, key)
 

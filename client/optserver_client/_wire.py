@@ -12,19 +12,25 @@ the httpx exception httpx would raise, so that the retry policy treats both tran
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import select
 import socket
 import threading
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
 import httpx
+import numpy as np
 
 from optserver_client.buffers import BufferPool
-from optserver_client.safetensors_io import Buffer, allocate
+from optserver_client.safetensors_io import Buffer, DocumentSink, SafetensorsError, allocate
+
+#: Given a final response's status, media type and Content-Length: a sink that reads its body
+#: into its tensors' places, or None for one buffer (see :class:`ResponseParser`).
+SinkFactory = Callable[[int, str, int], DocumentSink | None]
 
 __all__ = ["AsyncTransport", "Response", "ResponseParser", "Transport", "WireError", "usable"]
 
@@ -64,6 +70,8 @@ class Response:
     headers: list[tuple[str, str]]
     body: Buffer  # writable: arrays decoded from it are writable views
     keep_alive: bool  # whether the connection may carry another request
+    #: The tensors and metadata of a body read by a sink (``body`` is then empty).
+    decoded: tuple[dict[str, np.ndarray], dict[str, str]] | None = None
 
 
 class ResponseParser:
@@ -71,15 +79,22 @@ class ResponseParser:
 
     ``feed`` takes whatever arrived, ``feed_eof`` tells that the peer closed. A Content-Length
     body lands in one buffer from ``allocate`` (a client's
-    :class:`~optserver_client.buffers.BufferPool`). The I/O layer reads into
-    :meth:`read_buffer` and reports the count to :meth:`received`: while such a body is due, that
-    is the body's buffer itself (no copy); before, bytes land in scratch and are fed.
+    :class:`~optserver_client.buffers.BufferPool`), or, when ``sink`` offers one for the
+    response, in a :class:`~optserver_client.safetensors_io.DocumentSink` that places each
+    tensor's bytes in an array of the caller's. The I/O layer reads into :meth:`read_buffer`
+    and reports the count to :meth:`received`: while such a body is due, that is the body's
+    buffer itself (no copy); before, bytes land in scratch and are fed.
     """
 
     def __init__(
-        self, method: str = "GET", allocate: Callable[[int], memoryview] = allocate
+        self,
+        method: str = "GET",
+        allocate: Callable[[int], memoryview] = allocate,
+        sink: SinkFactory | None = None,
     ) -> None:
         self._allocate = allocate
+        self._sink = sink
+        self._document: DocumentSink | None = None
         self._no_body = method == "HEAD"
         self._state = _HEAD
         self._pending = bytearray()  # the start of a head or line not complete yet
@@ -110,9 +125,15 @@ class ResponseParser:
                 self.keep_alive = False  # bytes nobody asked for: never reuse the connection
                 return
             if state == _FIXED:
-                assert self._fixed is not None
                 count = min(self._left, len(view) - position)
-                self._fixed[self._filled : self._filled + count] = view[position : position + count]
+                if self._document is not None:
+                    with _placing():
+                        self._document.feed(view[position : position + count])
+                else:
+                    assert self._fixed is not None
+                    self._fixed[self._filled : self._filled + count] = view[
+                        position : position + count
+                    ]
                 self.body_received(count)
             elif state in (_CHUNK_DATA, _UNTIL_EOF):
                 count = len(view) - position
@@ -137,9 +158,11 @@ class ResponseParser:
 
     def body_window(self) -> memoryview | None:
         """Where the rest of a Content-Length body goes, while one is due."""
-        if self._state != _FIXED or self._fixed is None:
+        if self._state != _FIXED:
             return None
-        return self._fixed[self._filled :]
+        if self._document is not None:
+            return self._document.window()
+        return None if self._fixed is None else self._fixed[self._filled :]
 
     def read_buffer(self) -> memoryview:
         """Where the I/O layer reads next: the body's own buffer while a Content-Length body is
@@ -156,6 +179,9 @@ class ResponseParser:
         if not count:
             self.feed_eof()
         elif self.body_window() is not None:
+            if self._document is not None:
+                with _placing():
+                    self._document.advance(count)
             self.body_received(count)
         else:
             assert self._scratch is not None
@@ -170,6 +196,9 @@ class ResponseParser:
     def response(self) -> Response:
         if self._state != _DONE:
             raise WireError("the response is not complete")
+        if self._document is not None:
+            decoded = self._document.result()
+            return Response(self.status, self.reason, self.headers, b"", self.keep_alive, decoded)
         body = self._fixed if self._fixed is not None else self._grown
         return Response(self.status, self.reason, self.headers, body, self.keep_alive)
 
@@ -252,10 +281,24 @@ class ResponseParser:
                 raise WireError(f"bad Content-Length {sorted({size, *lengths})}")
             self._left = int(size)
             self._state = _FIXED if self._left else _DONE
-            self._fixed = self._allocate(self._left) if self._left else None
+            media = next((v for n, v in fields if n.lower() == "content-type"), "")
+            sink = self._sink
+            if self._left and sink is not None:
+                self._document = sink(status, media.split(";")[0].strip().lower(), self._left)
+            if self._document is None:
+                self._fixed = self._allocate(self._left) if self._left else None
         else:  # neither: the body ends when the server closes the connection
             self.keep_alive = False
             self._state = _UNTIL_EOF
+
+
+@contextlib.contextmanager
+def _placing() -> Iterator[None]:
+    """A sink's step: a document it cannot place is a response the client cannot read."""
+    try:
+        yield
+    except SafetensorsError as exc:
+        raise WireError(f"invalid safetensors answer: {exc}") from None
 
 
 # -- sockets -------------------------------------------------------------------------------------
@@ -400,9 +443,11 @@ class Transport(_Pool):
         params: Mapping[str, str] | None,
         headers: Mapping[str, str],
         body: Sequence[Buffer] = (),
+        sink: SinkFactory | None = None,
     ) -> Response:
         target, views = self._prepare(method, path, params, headers, body)
-        parser, phase, sock, failed = ResponseParser(method, self._body), "connect", None, None
+        parser = ResponseParser(method, self._body, sink)
+        phase, sock, failed = "connect", None, None
         if not self._slots.acquire(timeout=self._pool_timeout):
             raise self._pool_exhausted(method, target)
         try:
@@ -447,6 +492,7 @@ class AsyncTransport(_Pool):
         params: Mapping[str, str] | None,
         headers: Mapping[str, str],
         body: Sequence[Buffer] = (),
+        sink: SinkFactory | None = None,
     ) -> Response:
         target, views = self._prepare(method, path, params, headers, body)
         loop = asyncio.get_running_loop()
@@ -456,14 +502,20 @@ class AsyncTransport(_Pool):
         except TimeoutError:
             raise self._pool_exhausted(method, target) from None
         try:
-            return await self._request(loop, method, target, views)
+            return await self._request(loop, method, target, views, sink)
         finally:
             self._slots.release()
 
     async def _request(
-        self, loop: asyncio.AbstractEventLoop, method: str, target: str, views: list[memoryview]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        method: str,
+        target: str,
+        views: list[memoryview],
+        sink: SinkFactory | None,
     ) -> Response:
-        parser, phase, sock, failed = ResponseParser(method, self._body), "connect", None, None
+        parser = ResponseParser(method, self._body, sink)
+        phase, sock, failed = "connect", None, None
         try:
             sock = self._take() or await self._connect(loop)
             phase = "write"

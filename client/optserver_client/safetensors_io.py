@@ -24,13 +24,16 @@ import numpy as np
 __all__ = [
     "BYTES",
     "DTYPES",
+    "DocumentSink",
     "SafetensorsError",
     "allocate",
     "decode",
     "encode",
     "encode_parts",
     "header_bytes",
+    "header_length",
     "json_expressible",
+    "parse_header",
 ]
 
 #: Dtype names of the format and the numpy dtypes they are (floats: what tensors here are).
@@ -151,15 +154,55 @@ def decode(
     """
     view = memoryview(body).cast("B")
     size = len(view)
+    header_len = header_length(view, size)
+    data_start = 8 + header_len
+    spans, metadata = parse_header(
+        view[8:data_start], size - data_start, max_tensors=max_tensors,
+        max_elements=max_elements, max_rank=max_rank, dtypes=dtypes, json_shapes=json_shapes,
+    )  # fmt: skip
+    tensors: dict[str, np.ndarray] = {}
+    for begin, end, name, dtype, shape in spans:
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            tensors[name] = np.zeros(shape, dtype)
+            continue
+        array = np.frombuffer(view, dtype=dtype, count=count, offset=data_start + begin)
+        array = array.reshape(shape)
+        # Unaligned views are legal but slow to compute with; only odd layouts pay this copy.
+        tensors[name] = array if array.flags.aligned else array.copy()
+    return tensors, metadata
+
+
+Span = tuple[int, int, str, np.dtype[Any], tuple[int, ...]]
+
+
+def header_length(prefix: Buffer, size: int) -> int:
+    """The header length that a document of ``size`` bytes starts with (its first 8 bytes)."""
     if size < 8:
         raise SafetensorsError(f"a document of {size} bytes is shorter than its 8-byte header")
-    header_len = int.from_bytes(view[:8], "little")
+    header_len = int.from_bytes(memoryview(prefix)[:8], "little")
     if header_len > min(MAX_HEADER_BYTES, size - 8):
         raise SafetensorsError(
             f"header length {header_len} does not fit a document of {size} bytes"
         )
+    return header_len
+
+
+def parse_header(
+    raw: Buffer,
+    data_len: int,
+    *,
+    max_tensors: int | None = None,
+    max_elements: int | None = None,
+    max_rank: int = 64,
+    dtypes: Mapping[str, np.dtype[Any]] = DTYPES,
+    json_shapes: bool = False,
+) -> tuple[list[Span], dict[str, str]]:
+    """The tensors' spans (begin, end, name, dtype, shape: in data order, covering the
+    ``data_len`` data bytes without gap or overlap) and the metadata of a JSON header, all
+    checked (see :func:`decode`)."""
     try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
+        header = json.loads(bytes(raw))
     except (UnicodeDecodeError, ValueError) as exc:
         raise SafetensorsError(f"the header is not valid JSON: {exc}") from None
     except RecursionError:
@@ -177,8 +220,6 @@ def decode(
         raise SafetensorsError(
             f"the document holds {len(header)} tensors; the limit is {max_tensors}", "too-many"
         )
-    data_start = 8 + header_len
-    data_len = size - data_start
     spans = sorted(
         _entry(name, entry, data_len, max_elements, max_rank, dtypes, json_shapes)
         for name, entry in header.items()
@@ -191,17 +232,105 @@ def decode(
         position = end
     if position != data_len:
         raise SafetensorsError(f"{data_len - position} bytes follow the last tensor")
-    tensors: dict[str, np.ndarray] = {}
-    for begin, end, name, dtype, shape in spans:
-        count = (end - begin) // dtype.itemsize
-        if count == 0:
-            tensors[name] = np.zeros(shape, dtype)
-            continue
-        array = np.frombuffer(view, dtype=dtype, count=count, offset=data_start + begin)
-        array = array.reshape(shape)
-        # Unaligned views are legal but slow to compute with; only odd layouts pay this copy.
-        tensors[name] = array if array.flags.aligned else array.copy()
-    return tensors, metadata
+    return spans, metadata
+
+
+class DocumentSink:
+    """A safetensors document of ``size`` bytes read straight into its tensors' final places as
+    it arrives (sans-I/O: the reader asks :meth:`window` where the next bytes go, reads into it
+    and reports the count to :meth:`advance`).
+
+    A tensor named in ``into`` whose dtype and shape are those of the given array (writable,
+    C-contiguous) is written into that array; any other tensor into a new one. The header is
+    checked as :func:`decode` checks it before any tensor byte is placed. :attr:`landed` names
+    the tensors written in place."""
+
+    def __init__(self, size: int, into: Mapping[str, np.ndarray]) -> None:
+        if size < 8:
+            raise SafetensorsError(f"a document of {size} bytes is shorter than its 8-byte header")
+        self.size = size
+        self.into = into
+        self.landed: set[str] = set()
+        self._prefix = bytearray(8)
+        self._header: bytearray | None = None  # sized once the prefix is in
+        self._planned = False  # the header is in and checked: the segments are known
+        self._segments: list[memoryview] = []
+        self._tensors: dict[str, np.ndarray] = {}
+        self._metadata: dict[str, str] = {}
+        self._position = 0  # bytes placed so far
+        self._segment = 0  # the data segment being filled
+        self._filled = 0  # bytes of it filled
+
+    @property
+    def done(self) -> bool:
+        return self._position == self.size
+
+    def window(self) -> memoryview:
+        """Where the next bytes go (empty once the document is complete)."""
+        if self._header is None:
+            return memoryview(self._prefix)[self._position :]
+        if not self._planned:
+            return memoryview(self._header)[self._position - 8 :]
+        while self._segment < len(self._segments):
+            segment = self._segments[self._segment]
+            if self._filled < len(segment):
+                return segment[self._filled :]
+            self._segment, self._filled = self._segment + 1, 0
+        return memoryview(b"")
+
+    def advance(self, count: int) -> None:
+        """``count`` more bytes were written into the last :meth:`window`."""
+        self._position += count
+        if self._header is None:
+            if self._position == 8:
+                self._header = bytearray(header_length(self._prefix, self.size))
+                if not self._header:
+                    self._plan()
+        elif not self._planned:
+            if self._position == 8 + len(self._header):
+                self._plan()
+        else:
+            self._filled += count
+
+    def feed(self, data: Buffer) -> None:
+        """Bytes that arrived elsewhere (copied into their places)."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            window = self.window()
+            if not len(window):
+                raise SafetensorsError("more bytes than the document's length")
+            count = min(len(window), len(view))
+            window[:count] = view[:count]
+            self.advance(count)
+            view = view[count:]
+
+    def result(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        if not self.done:
+            raise SafetensorsError(
+                f"the document ended after {self._position} of {self.size} bytes"
+            )
+        return self._tensors, self._metadata
+
+    def _plan(self) -> None:
+        assert self._header is not None
+        data_len = self.size - 8 - len(self._header)
+        spans, self._metadata = parse_header(self._header, data_len)
+        self._planned = True
+        for begin, end, name, dtype, shape in spans:
+            target = self.into.get(name)
+            if (
+                target is not None
+                and target.dtype == dtype
+                and target.shape == shape
+                and target.flags.c_contiguous
+                and target.flags.writeable
+            ):
+                self.landed.add(name)
+            else:
+                target = np.empty(shape, dtype)
+            self._tensors[name] = target
+            if end > begin:
+                self._segments.append(target.reshape(-1).view(np.uint8).data)
 
 
 def _entry(

@@ -11,12 +11,10 @@ all back. Most run in process (``httpx.ASGITransport``); the restart runs a real
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,8 @@ from optserver_client.vocabulary import (
     STATE_RECORD_KEY,
 )
 
-from optserver.api.app import create_app
-from optserver.config import Settings
 from tests.live import LiveServer, live_server
+from tests.test_inprocess_api import auth, create, run
 
 ST = "application/octet-stream"
 JSON = "application/json"
@@ -53,36 +50,6 @@ SHARDING: dict[str, Any] = {
     "split": {"embedding.weight": 4, "head.weight": 2},
 }
 SERVER_ID = re.compile(r"^[0-9a-f]{32}$")
-
-Scenario = Callable[[httpx.AsyncClient], Awaitable[None]]
-
-
-def run(scenario: Scenario, **settings: Any) -> None:
-    """Run ``scenario`` against a fresh app, between its lifespan's start and end."""
-
-    async def main() -> None:
-        app = create_app(Settings(**settings))
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://optserver.test"
-            ) as client:
-                await scenario(client)
-
-    asyncio.run(main())
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def create(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
-    body.setdefault("optimizer", {"name": "sgd", "lr": 0.5})
-    r = await client.post("/v1/sessions", json=body)
-    assert r.status_code == 201, r.text
-    assert r.headers["content-type"] == JSON
-    created: dict[str, Any] = r.json()
-    return created
 
 
 async def info(client: httpx.AsyncClient, session_id: str, token: str) -> dict[str, Any]:

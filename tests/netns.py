@@ -99,6 +99,15 @@ def _guard(stack: ExitStack) -> ipaddress.IPv4Network:
     raise RuntimeError(f"no free subnet among {CANDIDATES[0]} .. {CANDIDATES[-1]}")
 
 
+def _tc(netns: str, device: str, rate: str) -> None:
+    """Shape what ``device`` sends to ``rate`` (a token bucket; its queue holds 20 ms)."""
+    command = ["tc", "-n", netns, "qdisc", "add", "dev", device, "root", "tbf", "rate", rate,
+               "burst", "256kb", "latency", "20ms"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()}")
+
+
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -209,8 +218,12 @@ class Network:
 
 
 @contextmanager
-def network(hosts: Mapping[str, int], *, prefix: str | None = None) -> Iterator[Network]:
-    """Hosts ``name -> last byte of its address``, each in a namespace ``<prefix>-<name>``."""
+def network(
+    hosts: Mapping[str, int], *, prefix: str | None = None, link_rate: str | None = None
+) -> Iterator[Network]:
+    """Hosts ``name -> last byte of its address``, each in a namespace ``<prefix>-<name>``.
+    ``link_rate`` (``tc`` units, e.g. ``200mbit``): each host's link is that fast each way, as a
+    NIC is (a token bucket on both ends of its veth pair)."""
     prefix = prefix or f"osmh{os.getpid()}"
     with ExitStack() as stack:
         subnet = _guard(stack)  # first of all
@@ -240,6 +253,9 @@ def network(hosts: Mapping[str, int], *, prefix: str | None = None) -> Iterator[
             _ip("-n", host.netns, "addr", "add", f"{host.address}/{subnet.prefixlen}",
                 "dev", "eth0")  # fmt: skip
             _ip("-n", host.netns, "link", "set", "eth0", "up")
+            if link_rate is not None:
+                for netns, device in ((bridge, port), (host.netns, "eth0")):
+                    _tc(netns, device, link_rate)
             etc = _ETC_NETNS / host.netns
             etc.mkdir(parents=True)
             stack.callback(shutil.rmtree, etc, True)

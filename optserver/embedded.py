@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["EmbeddedServer", "embedded_server", "embedded_shards", "free_port"]
+__all__ = ["EmbeddedServer", "embedded_server", "embedded_shards", "free_port", "shared_threads"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,8 +91,11 @@ def embedded_server(
 @contextmanager
 def embedded_shards(count: int, **settings: object) -> Iterator[list[EmbeddedServer]]:
     """``count`` servers (:func:`embedded_server`, the same settings; a ``data_dir`` holds one
-    folder ``shard-<i>`` per server), for a sharded session: ``Client([s.url for s in ...])``."""
+    folder ``shard-<i>`` per server), for a sharded session: ``Client([s.url for s in ...])``.
+    They share this machine's cores: each steps with its share of them (``compute_threads``,
+    unless given)."""
     data_dir = settings.pop("data_dir", None)
+    settings.setdefault("compute_threads", shared_threads(count))
     with ExitStack() as stack:
         servers = []
         for i in range(count):
@@ -101,3 +104,9 @@ def embedded_shards(count: int, **settings: object) -> Iterator[list[EmbeddedSer
                 own["data_dir"] = Path(str(data_dir)) / f"shard-{i}"
             servers.append(stack.enter_context(embedded_server(**own)))
         yield servers
+
+
+def shared_threads(servers: int) -> int:
+    """The compute threads of each of ``servers`` servers on this machine: its CPUs shared out
+    (threads beyond the cores only take turns, and cost a wake-up each)."""
+    return max(1, (os.cpu_count() or 1) // servers)

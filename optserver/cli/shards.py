@@ -18,6 +18,7 @@ import typer
 from optserver.cli.errors import CLIError
 from optserver.cli.options import setting_option
 from optserver.config import Settings
+from optserver.embedded import shared_threads
 
 __all__ = ["shards"]
 
@@ -40,13 +41,16 @@ def shards(
 ) -> None:
     """Run COUNT servers on consecutive ports, print their URLs as OPTSERVER_URLS, and stop
     them all on Ctrl-C (or when one of them exits). Every other setting is read from the
-    OPTSERVER_* environment variables by each server, as for ``serve``."""
+    OPTSERVER_* environment variables by each server, as for ``serve``; OPTSERVER_COMPUTE_THREADS
+    defaults to each server's share of the CPUs."""
     if port + count - 1 > 65535:
         raise CLIError(f"ports {port}-{port + count - 1} do not exist; choose a lower --port")
     processes: list[subprocess.Popen[bytes]] = []
     urls = []
     for i in range(count):
         env = {**os.environ, "OPTSERVER_HOST": host, "OPTSERVER_PORT": str(port + i)}
+        # The servers share this machine's cores: each steps with its share of them.
+        env.setdefault("OPTSERVER_COMPUTE_THREADS", str(shared_threads(count)))
         if data_dir is not None:
             env["OPTSERVER_DATA_DIR"] = str(data_dir / f"shard-{i}")
         processes.append(subprocess.Popen([sys.executable, "-m", "optserver", "serve"], env=env))

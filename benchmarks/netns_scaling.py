@@ -11,7 +11,7 @@ for ``--seconds``; the tensor is cut into as many chunks as there are shards. Th
 the aggregate steps/s and what the scaling model of docs/scaling.md predicts from the link rate
 alone (``predicted``): a step moves 4P bytes up and 4P bytes down over its worker's link, and
 over the shards' links 4P/N bytes each way per shard, so W workers and N shards allow at most
-``min(W, N) * rate / 4P`` steps/s.
+``min(W * rate / 8P, N * rate / 4P)`` steps/s.
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ def rate_bytes(rate: str) -> float:
 
 
 def predicted(shards: int, workers: int, size: int, link: float) -> float:
-    """Aggregate steps/s that the links allow: each step sends 4P bytes and receives 4P, over
-    the worker's own link (each direction: link bytes/s) and, split in N equal chunks, over
-    every shard's link (a shard sees 4P/N bytes per step, from all W workers)."""
-    per_step = 4 * size
-    worker_bound = workers * link / per_step  # each worker's NIC, either direction
-    shard_bound = shards * link / per_step  # all shards' NICs together
+    """Aggregate steps/s that the links allow. A step sends 4P bytes and receives 4P, one after
+    the other, over its worker's link: a worker's steps take 8P / link seconds each, at the
+    least. Cut in N equal chunks, they cross every shard's link (full duplex) as 4P/N bytes each
+    way: all shards together carry N * link / 4P steps per second, at the most."""
+    worker_bound = workers * link / (8 * size)
+    shard_bound = shards * link / (4 * size)
     return min(worker_bound, shard_bound)
 
 
@@ -120,10 +120,10 @@ def run(shards: int, workers: int, size: int, seconds: float, rate: str) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--size", type=float, default=1e5, help="float32 elements per step")
-    parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--rate", default="200mbit", help="each host's link, each way (tc)")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rate", default="50mbit", help="each host's link, each way (tc)")
     args = parser.parse_args()
     reason = netns_unavailable()
     if reason is not None:

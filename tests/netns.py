@@ -102,7 +102,7 @@ def _guard(stack: ExitStack) -> ipaddress.IPv4Network:
 def _tc(netns: str, device: str, rate: str) -> None:
     """Shape what ``device`` sends to ``rate`` (a token bucket; its queue holds 20 ms)."""
     command = ["tc", "-n", netns, "qdisc", "add", "dev", device, "root", "tbf", "rate", rate,
-               "burst", "256kb", "latency", "20ms"]  # fmt: skip
+               "burst", "16kb", "latency", "20ms"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()}")

@@ -387,3 +387,17 @@ def test_shared_client_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     finally:
         compat.set_client(None)
         client.close()
+
+
+def test_the_shared_client_takes_shards_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPTSERVER_URL", "http://ignored.test:9000")
+    monkeypatch.setenv("OPTSERVER_URLS", "http://a.test:9000,http://b.test:9000")
+    compat.set_client(None)
+    try:
+        client = compat.get_client()
+        assert client.urls == ("http://a.test:9000", "http://b.test:9000")
+    finally:
+        compat.set_client(None)
+        client.close()

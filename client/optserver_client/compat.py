@@ -20,7 +20,8 @@ the session a tensor is named after its shape (``w_784x10``), so one object may 
 several shapes; tensors of the same shape share optimizer state, as in the article's code.
 ``copy.copy`` and ``copy.deepcopy`` give an optimizer with its own, new remote state.
 
-Server: ``OPTSERVER_URL`` (default ``http://127.0.0.1:8000``) and ``OPTSERVER_ADMIN_KEY``, read
+Server: ``OPTSERVER_URLS`` (comma-separated shards: sessions are sharded over them) or
+``OPTSERVER_URL`` (default ``http://127.0.0.1:8000``) and ``OPTSERVER_ADMIN_KEY``, read
 when the process's shared :class:`~optserver_client.Client` is first needed; or
 :func:`set_client`. Remote sessions are deleted by :meth:`Optimizer.close`; otherwise they are
 left to the server's session expiry (nothing is deleted at garbage collection or exit).
@@ -82,7 +83,7 @@ def get_client() -> Client:
     with _lock:
         if _client is None or (_client_is_ours and _client_pid != os.getpid()):
             _client = Client(
-                os.environ.get("OPTSERVER_URL", DEFAULT_URL),
+                os.environ.get("OPTSERVER_URLS") or os.environ.get("OPTSERVER_URL", DEFAULT_URL),
                 admin_key=os.environ.get("OPTSERVER_ADMIN_KEY") or None,
             )
             _client_pid, _client_is_ours = os.getpid(), True

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import safetensors.numpy as stn
@@ -367,3 +368,40 @@ def test_answers_are_read_straight_into_one_array_per_tensor(
     assert landed == sorted([f"big#{k}" for k in range(3)] + [f"emb#{k}" for k in range(3)])
     for name in ("big", "emb"):
         assert answer[name].flags.owndata and answer[name].flags.c_contiguous
+
+
+def test_creators_racing_for_one_id_each_upload_the_shards_they_won(
+    servers: list[LiveServer],
+) -> None:
+    """Two processes create the session "race" at once and each wins one shard: each must
+    upload the weights of the shard it won (the other's 409 is no reason not to), so that the
+    session is whole once both are done."""
+    from optserver_client._sharded import split_tensors
+    from optserver_client.sharding import Layout
+
+    rng = np.random.default_rng(11)
+    params = initial(rng)
+    urls = [s.url for s in servers[:2]]
+    token = "race-" + "r" * 40
+    layout = Layout.plan({n: (np.shape(a), 4) for n, a in params.items()}, 2, CHUNK)
+    # The other creator won shard 1 (its POST arrived first) and has not uploaded yet.
+    other = httpx.post(
+        urls[1] + "/v1/sessions",
+        json={"optimizer": "adam", "id": "race", "token": token, "sharding": layout.descriptor(1)},
+    )
+    assert other.status_code == 201, other.text
+    with Client(urls, chunk_bytes=CHUNK) as client:
+        with pytest.raises(ShardError) as caught:
+            client.create_session(params, "adam", id="race", token=token)
+        assert set(caught.value.errors) == {1} and set(caught.value.results) == {0}
+        shard0 = httpx.get(
+            urls[0] + "/v1/sessions/race", headers={"Authorization": f"Bearer {token}"}
+        )
+        parts = split_tensors(layout, {n: np.asarray(a, np.float32) for n, a in params.items()})
+        assert sorted(p["name"] for p in shard0.json()["params"]) == sorted(parts[0])
+        # The other creator uploads its shard: the session is whole.
+        with Client(urls[1]) as second:
+            second.session("race", token).set_params(parts[1])
+        with Session.attach(urls, "race", token) as session:
+            assert_same(session.pull(), {n: np.asarray(a, np.float32) for n, a in params.items()})
+            session.delete()

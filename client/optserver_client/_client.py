@@ -35,9 +35,12 @@ from optserver_client._sharded import (
     import_plans,
     settle,
 )
+from optserver_client._sharded import (
+    uploads as _uploads,
+)
 from optserver_client._wire import Transport, usable
 from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
-from optserver_client.exceptions import OptserverError
+from optserver_client.exceptions import OptserverError, ShardError
 from optserver_client.sharding import DEFAULT_CHUNK_BYTES, shard_urls
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
@@ -213,9 +216,15 @@ class Client:
             chunk_bytes=self._chunk_bytes, id=id, token=token,
         )  # fmt: skip
         try:
-            created = self._fan(Fanout(dict(enumerate(p.create for p in plans)), dict))
-            uploads = {i: created[i].set_params(p.upload) for i, p in enumerate(plans) if p.upload}
-            self._fan(Fanout(uploads, dict))
+            try:
+                created = self._fan(Fanout(dict(enumerate(p.create for p in plans)), dict))
+            except ShardError as error:
+                # Other creators of this id (chosen) won some shards: this one uploads the weights
+                # of the shards it won, as they do of theirs, so that the session is whole.
+                if exists_already(error):
+                    self._fan(Fanout(_uploads(plans, error.results), dict))
+                raise
+            self._fan(Fanout(_uploads(plans, created), dict))
             core = ShardedCore([created[i] for i in range(len(plans))], layout)
             self._fan(core.info())  # learns the shards' versions and the non-finite policy
         except BaseException as error:

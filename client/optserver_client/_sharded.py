@@ -52,6 +52,7 @@ __all__ = [
     "merge_exports",
     "settle",
     "split_tensors",
+    "uploads",
 ]
 
 T = TypeVar("T")
@@ -85,6 +86,7 @@ def settle(
         {index: error for index, error in sorted(errors.items())},
         {index: urls[index] for index in errors},
         key=fanout.key,
+        results=results,
     ) from errors[first]
 
 
@@ -500,6 +502,18 @@ def create_plans(
         for i, client in enumerate(clients)
     ]  # fmt: skip
     return layout, (id, token), plans
+
+
+def uploads(
+    plans: Sequence[CreatePlan], created: Mapping[int, SessionCore]
+) -> dict[int, Call[Any]]:
+    """The PUTs of the initial weights to the shards whose session ``created`` holds."""
+    calls: dict[int, Call[Any]] = {}
+    for i, core in created.items():
+        upload = plans[i].upload
+        if upload:
+            calls[i] = core.set_params(upload)
+    return calls
 
 
 def _initial_arrays(

@@ -84,6 +84,7 @@ class ShardError(OptserverError):
     For a step, ``key`` is its Idempotency-Key: pushing the same gradients again with
     ``key=error.key`` completes the step exactly once (the shards that applied it answer from
     memory, the others apply it). Other operations (PATCH, PUT, DELETE) can simply be repeated.
+    ``results``: what each shard that did its part answered (parsed), by shard index.
     """
 
     def __init__(
@@ -92,10 +93,12 @@ class ShardError(OptserverError):
         urls: Mapping[int, str],
         *,
         key: str | None = None,
+        results: Mapping[int, Any] | None = None,
     ) -> None:
         self.errors = dict(errors)
         self.urls = dict(urls)
         self.key = key
+        self.results = dict(results or {})
         self.shard = min(self.errors)
         self.error = self.errors[self.shard]
         failed = ", ".join(f"{i} ({self.urls.get(i, '?')})" for i in self.errors)

@@ -224,7 +224,7 @@ def create_session(
                 raise
             assert session_id is not None and token is not None
             with Session.attach(url, session_id, token) as remote:  # it opens: it is ours
-                remote.info()
+                _wait_for_weights(remote, set(mlp.init_params(seed)))
             existed = True
     credentials = {"url": url, "id": remote.id, "token": remote.token, "workers": workers}
     if out is not None:
@@ -236,6 +236,29 @@ def create_session(
     print(
         f"{verb} session {remote.id} ({optimizer}, {mode} mode, {workers} workers{where}){target}"
     )
+
+
+#: How long ``create-session --exist-ok`` waits for another creator to finish the session.
+CREATION_WAIT_S = 120.0
+
+
+def _wait_for_weights(session: Any, names: set[str]) -> None:
+    """Return once the session holds every tensor in ``names``: a concurrent creator may still
+    be uploading the weights (on some shards) when this one finds the session."""
+    import time
+
+    deadline = time.monotonic() + CREATION_WAIT_S
+    while True:
+        held = {entry["name"] for entry in session.info()["params"]}
+        if names <= held:
+            return
+        if time.monotonic() > deadline:
+            missing = ", ".join(sorted(names - held))
+            raise CLIError(
+                f"session {session.id} exists but still lacks {missing} after "
+                f"{CREATION_WAIT_S:g} s: its creator failed; delete it and create it again"
+            )
+        time.sleep(0.5)
 
 
 def evaluate(

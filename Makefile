@@ -62,8 +62,16 @@ bench: install
 clean:
 	rm -rf $(VENV) scripts/typescript-client/node_modules .pytest_cache .mypy_cache .ruff_cache
 
-# The compose stack for real (docker-compose.yml): a Docker engine of its own, a local base image,
-# offline wheels, three workers training through the server. Root, Debian; see the script.
+# The compose stack for real (docker-compose.yml, then with compose/compose.shards.yml): a Docker
+# engine of its own, a local base image, offline wheels, three workers training through one
+# server, then through two shards. Root, Debian; see the script.
 .PHONY: compose-test
 compose-test: install
 	VENV=$(VENV) bash scripts/compose_test.sh
+
+# The Swarm stack (deploy/swarm/stack.yml) for real: a one-node swarm on a Docker engine of its
+# own (the compose test's machinery and cache), a shard killed mid-run, then checks that no
+# acknowledged step was lost. Root, Debian; see the script.
+.PHONY: swarm-test
+swarm-test: install-demo
+	VENV=$(VENV) bash scripts/swarm_test.sh

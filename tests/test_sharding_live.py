@@ -360,12 +360,19 @@ def test_answers_are_read_straight_into_one_array_per_tensor(
         session = client.create_session(params, "adam")
         grads = gradients(rng, params)
         answer = session.step(grads)
+        stepped = list(sinks)
+        sinks.clear()
+        pulled = session.pull()
         with Client(servers[3].url) as single:
-            assert_same(answer, single.create_session(params, "adam").step(grads))
-    # One sink per shard, each placing the chunks of "big" and "emb" it holds in place.
-    assert len(sinks) == 3
-    landed = sorted(name for sink in sinks for name in sink.landed)
-    assert landed == sorted([f"big#{k}" for k in range(3)] + [f"emb#{k}" for k in range(3)])
+            reference = single.create_session(params, "adam")
+            assert_same(answer, reference.step(grads))
+            assert_same(pulled, reference.pull())
+    # One sink per shard, each placing the chunks of "big" and "emb" it holds in place; the
+    # same for the pull.
+    chunks = sorted([f"big#{k}" for k in range(3)] + [f"emb#{k}" for k in range(3)])
+    for reads in (stepped, sinks):
+        assert len(reads) == 3
+        assert sorted(name for sink in reads for name in sink.landed) == chunks
     for name in ("big", "emb"):
         assert answer[name].flags.owndata and answer[name].flags.c_contiguous
 

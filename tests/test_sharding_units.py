@@ -212,3 +212,18 @@ def test_the_fast_finite_test_agrees_with_numpy(values: list[float], dtype: Any)
         array = np.array(values, dtype=dtype)  # 3e38 is inf in float16
     assert _all_finite(array) == bool(np.isfinite(array).all())  # and no warning
     assert _all_finite(array.reshape(-1, 1)[::2]) == bool(np.isfinite(array[::2]).all())
+
+
+def test_join_reads_into_the_given_array_only_when_it_is_the_one_expected() -> None:
+    layout = Layout(2, 1, {"w": 2})
+    whole = np.arange(12, dtype=np.float32).reshape(6, 2)
+    out = np.empty((6, 2), np.float32)
+    landed = {"w#0": out[:3], "w#1": out[3:]}
+    landed["w#0"][...] = whole[:3]  # as a sink writes: in place
+    copied = {"w#1": whole[3:].copy()}  # this one came back elsewhere
+    joined = join_tensors(layout, [{"w#0": landed["w#0"]}, copied], {"w": out})
+    assert joined["w"] is out and np.array_equal(out, whole)
+    # An array of another shape (the tensor changed since): the chunks are joined anew.
+    stale = np.zeros((4, 2), np.float32)
+    joined = join_tensors(layout, [{"w#0": whole[:3]}, {"w#1": whole[3:]}], {"w": stale})
+    assert joined["w"] is not stale and np.array_equal(joined["w"], whole)

@@ -434,7 +434,10 @@ class SessionCore:
             into=into,
         )
 
-    def pull(self, names: str | Iterable[str] | None) -> Call[dict[str, Array]]:
+    def pull(
+        self, names: str | Iterable[str] | None, into: Mapping[str, Array] | None = None
+    ) -> Call[dict[str, Array]]:
+        """GET .../params (``into``: see :attr:`Call.into`)."""
         query = None
         if names is not None:
             joined = names if isinstance(names, str) else ",".join(names)
@@ -445,6 +448,7 @@ class SessionCore:
             self._parse_weights,
             params=query,
             headers={**self.client.auth(self.token), "Accept": self._accept()},
+            into=into,
         )
 
     def set_params(self, params: Tensors) -> Call[dict[str, Any]]:

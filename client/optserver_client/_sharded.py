@@ -152,7 +152,13 @@ def join_tensors(
             raise ProtocolError(f"tensor {name!r}: {len(parts)} of its {expected} chunks came back")
         ordered = [parts[k] for k in range(expected)]
         out = (outputs or {}).get(name)
-        if out is None or out.shape[1:] != ordered[0].shape[1:] or out.dtype != ordered[0].dtype:
+        rows = sum(part.shape[0] for part in ordered)
+        if (
+            out is None
+            or out.shape[0] != rows
+            or out.shape[1:] != ordered[0].shape[1:]
+            or out.dtype != ordered[0].dtype
+        ):  # not the array expected (the tensor changed meanwhile): a new one
             whole[name] = np.concatenate(ordered, axis=0)
             continue
         start = 0
@@ -166,19 +172,21 @@ def join_tensors(
 
 
 def _outputs(
-    layout: Layout, cores: Sequence[SessionCore], grads: Mapping[str, Array]
+    layout: Layout, cores: Sequence[SessionCore], tensors: Mapping[str, Array | tuple[int, ...]]
 ) -> tuple[dict[str, Array], dict[int, dict[str, Array]]]:
-    """For a step's answer: one array per pushed tensor that is cut into chunks (the weights'
-    dtype, as far as the shard told it, and the gradient's shape), and per shard the views of
-    them that its chunks are read into."""
+    """For an answer: one array per tensor that is cut into chunks (the weights' dtype, as far
+    as the shards told it, and the shape of the gradient given, or the shape given), and per
+    shard the views of them that its chunks are read into."""
     outputs: dict[str, Array] = {}
     into: dict[int, dict[str, Array]] = {}
-    for name, grad in grads.items():
-        if name not in layout.split or grad.ndim == 0:
+    for name, like in tensors.items():
+        shape = like if isinstance(like, tuple) else like.shape
+        if name not in layout.split or not shape:
             continue
-        pieces = layout.pieces(name, grad.shape[0])
-        dtype = cores[pieces[0].shard].dtypes.get(pieces[0].remote, grad.dtype)
-        out = outputs[name] = np.empty(grad.shape, dtype)
+        pieces = layout.pieces(name, shape[0])
+        known = cores[pieces[0].shard].dtypes.get(pieces[0].remote)
+        dtype = known if known is not None else (_F32 if isinstance(like, tuple) else like.dtype)
+        out = outputs[name] = np.empty(shape, dtype)
         for piece in pieces:
             into.setdefault(piece.shard, {})[piece.remote] = out[piece.start : piece.stop]
     return outputs, into
@@ -219,6 +227,9 @@ class ShardedCore:
         self.layout = layout
         self.nonfinite = nonfinite
         self.last_applied: bool | None = None
+        #: The whole shapes of the cut tensors, as the shards' descriptions and the gradients
+        #: pushed showed them (for reading their chunks into one array).
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     @property
     def id(self) -> str:
@@ -273,6 +284,9 @@ class ShardedCore:
             shards = sorted(bad)
             if self.nonfinite == "skip" and return_ != "none":
                 pulls = self._pull_names(grad_arrays, params, return_, skip=set(shards))
+        for name, grad in grad_arrays.items():
+            if name in self.layout.split:
+                self.shapes[name] = grad.shape
         outputs, into = (
             _outputs(self.layout, self.cores, grad_arrays) if return_ != "none" else ({}, {})
         )
@@ -334,16 +348,26 @@ class ShardedCore:
     # --- weights ---------------------------------------------------------------------------
 
     def pull(self, names: str | Iterable[str] | None) -> Fanout[dict[str, Array]]:
+        """GET the weights from the shards that hold them; the chunks of a cut tensor whose
+        shape is known are read straight into one array."""
         if names is None:
-            calls = {i: core.pull(None) for i, core in enumerate(self.cores)}
+            wanted = list(self.layout.split)
         else:
             wanted = [n for n in names.split(",") if n] if isinstance(names, str) else [*names]
+        outputs, into = _outputs(
+            self.layout, self.cores, {n: self.shapes[n] for n in wanted if n in self.shapes}
+        )
+        if names is None:
+            calls = {i: core.pull(None, into.get(i)) for i, core in enumerate(self.cores)}
+        else:
             per: dict[int, list[str]] = {}
             for name in wanted:
                 for piece in self._stored(name):
                     per.setdefault(piece.shard, []).append(piece.remote)
-            calls = {i: self.cores[i].pull(remote) for i, remote in sorted(per.items())}
-        return Fanout(calls, lambda results: join_tensors(self.layout, results.values()))
+            calls = {
+                i: self.cores[i].pull(remote, into.get(i)) for i, remote in sorted(per.items())
+            }
+        return Fanout(calls, lambda results: join_tensors(self.layout, results.values(), outputs))
 
     def _stored(self, name: str) -> list[Piece]:
         """Where an existing tensor is stored (rows unknown here: chunk names and shards)."""
@@ -356,6 +380,9 @@ class ShardedCore:
         arrays = {n: as_array(p, default=self.cores[0].default_dtype) for n, p in params.items()}
         if not arrays:
             raise ValueError("set_params needs at least one tensor")
+        for name, array in arrays.items():
+            if name in self.layout.split:
+                self.shapes[name] = array.shape
         parts = split_tensors(self.layout, arrays)
         calls = {i: self.cores[i].set_params(part) for i, part in sorted(parts.items())}
         return Fanout(calls, lambda results: self._merged_info(results))
@@ -390,6 +417,10 @@ class ShardedCore:
             self.cores[i].observe_info(info)
             if i == 0 and isinstance(info.get("nonfinite"), str):
                 self.nonfinite = info["nonfinite"]
+        if len(infos) == self.layout.count:  # every chunk is in view: the whole shapes
+            for entry in _tensor_list(self.layout, infos.values()):
+                if entry["name"] in self.layout.split:
+                    self.shapes[entry["name"]] = tuple(int(d) for d in entry["shape"])
 
     def _merged_info(self, results: Mapping[int, Any]) -> dict[str, Any]:
         """One description of the session: shard 0's, with the least version, the logical

@@ -27,6 +27,7 @@ from optserver_client import (
     ValidationError,
 )
 from optserver_client._codec import decode_safetensors
+from optserver_client.sharding import Layout
 from optserver_client.vocabulary import STATE_RECORD_KEY
 
 from tests.live import LiveServer, live_server
@@ -412,3 +413,49 @@ def test_creators_racing_for_one_id_each_upload_the_shards_they_won(
         with Session.attach(urls, "race", token) as session:
             assert_same(session.pull(), {n: np.asarray(a, np.float32) for n, a in params.items()})
             session.delete()
+
+
+def test_more_shards_than_tensors_and_tensors_registered_by_steps(
+    servers: list[LiveServer],
+) -> None:
+    """Four shards, two small tensors: the shards that hold none never step, and ``version``
+    follows those that do (ssp's base_version works). A session made without weights gets its
+    tensors from the steps that carry them (optimizer-as-a-service), each on its shard."""
+    rng = np.random.default_rng(12)
+    params: dict[str, Any] = {"a": rng.standard_normal(5).astype(np.float32), "b": np.float32(2)}
+    urls = [s.url for s in servers]
+    with Client(urls) as client, Client(urls[0]) as single:
+        mode = {"name": "ssp", "max_staleness": 0}
+        ours, theirs = (c.create_session(params, "sgd", mode=mode) for c in (client, single))
+        holders = {Layout(4).shard_of(n) for n in params}
+        for _ in range(3):
+            g = gradients(rng, params)
+            assert_same(
+                ours.step(g, base_version=ours.version),
+                theirs.step(g, base_version=theirs.version),
+            )
+        assert ours.version == 3
+        assert [v for i, v in enumerate(ours.versions) if i in holders] == [3] * len(holders)
+        info = ours.info()
+        assert info["version"] == 3 and {p["name"] for p in info["params"]} == set(params)
+        # Optimizer-as-a-service: no weights at creation, they come with the steps.
+        service = client.create_session(None, {"name": "adam", "lr": 0.1})
+        reference = single.create_session(None, {"name": "adam", "lr": 0.1})
+        for _ in range(2):
+            g = gradients(rng, params)
+            assert_same(service.step(g, params=params), reference.step(g, params=params))
+        assert service.version == 2
+
+
+def test_a_json_client_shards_alike(servers: list[LiveServer]) -> None:
+    rng = np.random.default_rng(13)
+    params = initial(rng)
+    with (
+        Client([s.url for s in servers[:2]], chunk_bytes=CHUNK, binary=False) as client,
+        Client(servers[2].url) as single,
+    ):
+        ours, theirs = client.create_session(params, "adam"), single.create_session(params, "adam")
+        for _ in range(2):
+            g = gradients(rng, params)
+            assert_same(ours.step(g), theirs.step(g))
+        assert_same(ours.pull(), theirs.pull())

@@ -230,6 +230,9 @@ class ShardedCore:
         #: The whole shapes of the cut tensors, as the shards' descriptions and the gradients
         #: pushed showed them (for reading their chunks into one array).
         self.shapes: dict[str, tuple[int, ...]] = {}
+        #: The shards known to hold tensors (their descriptions listed some, or pieces were
+        #: sent to them).
+        self.holders: set[int] = set()
 
     @property
     def id(self) -> str:
@@ -245,8 +248,10 @@ class ShardedCore:
 
     @property
     def version(self) -> int:
-        """The steps every shard has applied (the shards' least version)."""
-        return min(self.versions)
+        """The steps every shard that holds tensors has applied (their least version; a shard
+        that holds none, with more shards than tensors, never steps and does not count)."""
+        holding = [self.cores[i].version for i in sorted(self.holders)]
+        return min(holding) if holding else min(self.versions)
 
     # --- steps -----------------------------------------------------------------------------
 
@@ -277,6 +282,7 @@ class ShardedCore:
         }
         grad_parts = split_tensors(self.layout, grad_arrays)
         param_parts = split_tensors(self.layout, param_arrays)
+        self.holders.update(param_parts)
         shards = sorted(set(grad_parts))
         bad = self._nonfinite_shards(grad_arrays)
         pulls: dict[int, list[str] | None] = {}
@@ -384,6 +390,7 @@ class ShardedCore:
             if name in self.layout.split:
                 self.shapes[name] = array.shape
         parts = split_tensors(self.layout, arrays)
+        self.holders.update(parts)
         calls = {i: self.cores[i].set_params(part) for i, part in sorted(parts.items())}
         return Fanout(calls, lambda results: self._merged_info(results))
 
@@ -417,6 +424,8 @@ class ShardedCore:
             self.cores[i].observe_info(info)
             if i == 0 and isinstance(info.get("nonfinite"), str):
                 self.nonfinite = info["nonfinite"]
+            if info.get("params"):
+                self.holders.add(i)
         if len(infos) == self.layout.count:  # every chunk is in view: the whole shapes
             for entry in _tensor_list(self.layout, infos.values()):
                 if entry["name"] in self.layout.split:

@@ -3,7 +3,7 @@
 :func:`network` creates, for each named host, a namespace with its own address on a private /24,
 all joined by a bridge in a namespace of its own (the veth pairs are created there: nothing is
 added to the root namespace but a guard route), and removes everything when the block ends,
-also when it fails half-way. Following /work/shared/CONTAINERS.md:
+also when it fails half-way. The rules it keeps:
 
 - FIRST, ``ip route add unreachable <subnet>`` in the root namespace, so that the test subnet can
   never leave the machine (a subnet that any route or address of the root namespace overlaps is

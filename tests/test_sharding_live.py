@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -459,3 +460,48 @@ def test_a_json_client_shards_alike(servers: list[LiveServer]) -> None:
             g = gradients(rng, params)
             assert_same(ours.step(g), theirs.step(g))
         assert_same(ours.pull(), theirs.pull())
+
+
+def test_a_sync_round_that_fails_on_one_shard_is_completed_once(
+    servers: list[LiveServer],
+) -> None:
+    """Sync rounds of 2 workers on 2 shards. Worker B's first push reaches shard 0 only, so
+    shard 0's round closes and shard 1's fails at its deadline: worker A's train_step gets
+    round-failed from shard 1 after shard 0 applied its part, and pushes the same gradients
+    again with the same key; shard 0 answers from memory, shard 1 applies them in a new round
+    with B's. Each shard applies each round exactly once."""
+    a, b = servers[0].url, servers[1].url
+    layout = Layout(2)
+    names: dict[int, str] = {}
+    for i in range(200):  # one small tensor on each shard
+        names.setdefault(layout.shard_of(f"t{i}"), f"t{i}")
+    params = {names[0]: np.zeros(4, np.float32), names[1]: np.zeros(4, np.float32)}
+    mode = {"name": "sync", "workers": 2, "timeout_s": 1.5}
+    with Client([a, b]) as client:
+        session = client.create_session(params, "sgd", mode=mode)
+        token = str(session.token)
+        grads_a = {n: np.full(4, 1.0, np.float32) for n in params}
+        grads_b = {n: np.full(4, 3.0, np.float32) for n in params}
+        done: list[Any] = []
+
+        def train_a() -> None:
+            with Session.attach([a, b], session.id, token) as worker:
+                try:
+                    done.append(worker.train_step(lambda w: grads_a, {}, worker="A"))
+                except Exception as error:  # shown by the assertion below
+                    done.append(error)
+
+        worker_a = threading.Thread(target=train_a)
+        worker_a.start()
+        with Session.attach([a, b], session.id, token) as worker_b:
+            worker_b.step({names[0]: grads_b[names[0]]}, worker="B")  # shard 0's round closes
+            time.sleep(2.5)  # shard 1's round fails meanwhile; A pushes again
+            worker_b.step({names[1]: grads_b[names[1]]}, worker="B")  # shard 1's new round
+        worker_a.join(30)
+        assert not worker_a.is_alive() and len(done) == 1
+        assert isinstance(done[0], dict), done[0]
+        weights = session.pull()
+        mean = -(1.0 + 3.0) / 2 * 0.001  # sgd's default lr: one step of the mean gradient
+        for name in params:
+            np.testing.assert_allclose(weights[name], np.full(4, mean, np.float32), rtol=1e-6)
+        assert session.info()["versions"] == [1, 1]

@@ -173,8 +173,9 @@ def test_what_train_step_does_after_each_kind_of_failure() -> None:
         return ShardError(dict(enumerate(errors)), {}, key="k")
 
     assert retry_push(partial(outage, unavailable)) == "outage"
-    assert retry_push(partial(stale)) == retry_push(partial(outage, failed)) == "complete"
-    assert retry_push(partial(stale, invalid)) is None
+    assert retry_push(partial(failed)) == retry_push(partial(outage, failed)) == "complete"
+    # Stale on some shards, applied on others: the same request would be refused again.
+    assert retry_push(partial(stale)) is None and retry_push(partial(failed, invalid)) is None
 
 
 def test_push_retries_keep_the_key_but_for_new_gradients_and_bound_everything() -> None:
@@ -185,8 +186,8 @@ def test_push_retries_keep_the_key_but_for_new_gradients_and_bound_everything() 
     assert push.after(outage, now=109.0) == "outage"
     with pytest.raises(TransportError):  # patience spent
         push.after(outage, now=110.0)
-    assert push.after(ShardError({0: _problem(409, "stale-gradient")}, {}), 111.0) == "complete"
-    assert push.key == key and push.base_version is None  # the same push, finished anywhere
+    assert push.after(ShardError({0: _problem(409, "round-failed")}, {}), 111.0) == "complete"
+    assert push.key == key and push.base_version == 7  # the same request: the key binds it
     assert push.after(_problem(409, "stale-gradient"), 112.0) == "recompute"
     assert push.key != key  # other gradients: another key
     with pytest.raises(ConflictError):  # the retry budget (2) is spent

@@ -637,15 +637,17 @@ PushAction = Literal["recompute", "repeat", "complete", "outage"]
 def retry_push(error: BaseException) -> PushAction | None:
     """What :meth:`Session.train_step` does after ``error``: pull and recompute the gradients
     (they are stale); push the same ones again (a sync round failed, nothing was applied);
-    complete the push (some shards of a sharded session applied it, the others refused it as
-    stale or for a failed round: the same gradients again, with the same key and no base
-    version, so that every shard applies it once); wait out an outage (a server unreachable
-    or failing: the same push again, same key, once it answers); or nothing (re-raise)."""
+    complete the push (some shards of a sharded session applied it, the others' sync round
+    failed: the same request again, same key, which the first answer from memory and the others
+    apply in a new round); wait out an outage (a server unreachable or failing: the same push
+    again, same key, once it answers); or nothing (re-raise). A push that some shards applied
+    and others refused as stale cannot be completed (the key binds the request, base version
+    included, and those shards would refuse it again): it is raised."""
     if isinstance(error, ShardError):
         actions = {retry_push(e) for e in error.errors.values()}
         if actions == {"outage"}:
             return "outage"
-        return "complete" if None not in actions else None
+        return "complete" if actions <= {"repeat", "outage"} else None
     if isinstance(error, (TransportError, ServerError)):
         return "outage"
     if isinstance(error, StaleGradientError):
@@ -684,9 +686,7 @@ class PushRetries:
         self._attempts += 1
         if self._attempts > self.retries:
             raise error
-        if action == "complete":
-            self.base_version = None  # some shards took it: no shard may refuse it now
-        elif action == "recompute":
+        if action == "recompute":
             self.key = new_key()  # other gradients: another push
         return action
 

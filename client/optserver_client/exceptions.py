@@ -81,9 +81,10 @@ class ShardError(OptserverError):
     not do their part; the others did theirs, which is kept. ``shard`` and ``error`` are the
     first failed shard and its exception (also chained as ``__cause__``).
 
-    For a step, ``key`` is its Idempotency-Key: pushing the same gradients again with
-    ``key=error.key`` completes the step exactly once (the shards that applied it answer from
-    memory, the others apply it). Other operations (PATCH, PUT, DELETE) can simply be repeated.
+    For a step, ``key`` is its Idempotency-Key: pushing the same request again (gradients and
+    options) with ``key=error.key`` completes the step exactly once (the shards that applied it
+    answer from memory, the others apply it), unless a shard refused it as stale, which it
+    would do again. Other operations (PATCH, PUT, DELETE) can simply be repeated.
     ``results``: what each shard that did its part answered (parsed), by shard index.
     """
 

@@ -228,3 +228,12 @@ def test_join_reads_into_the_given_array_only_when_it_is_the_one_expected() -> N
     stale = np.zeros((4, 2), np.float32)
     joined = join_tensors(layout, [{"w#0": whole[:3]}, {"w#1": whole[3:]}], {"w": stale})
     assert joined["w"] is not stale and np.array_equal(joined["w"], whole)
+
+
+@given(rows=st.integers(4, 50), count=st.integers(1, 4), cut=st.booleans())
+def test_stored_names_the_pieces_without_their_rows(rows: int, count: int, cut: bool) -> None:
+    layout = Layout(count, 1, {"w": count} if cut and count >= 2 else {})
+    pieces = layout.pieces("w", rows)
+    assert layout.stored("w") == [(p.shard, p.remote) for p in pieces]
+    array = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    assert np.array_equal(np.concatenate([p.of(array) for p in pieces]), array)

@@ -43,19 +43,16 @@ from optserver_client._protocol import (
 from optserver_client._retry import RetryPolicy
 from optserver_client._sharded import (
     Fanout,
+    Flow,
     ShardedCore,
-    attach_layout,
-    create_plans,
-    exists_already,
-    import_plans,
+    create_flow,
+    import_flow,
+    open_flow,
     settle,
-)
-from optserver_client._sharded import (
-    uploads as _uploads,
 )
 from optserver_client._wire import AsyncTransport, usable
 from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
-from optserver_client.exceptions import OptserverError, ShardError
+from optserver_client.exceptions import OptserverError
 from optserver_client.sharding import DEFAULT_CHUNK_BYTES, shard_urls
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
@@ -202,34 +199,12 @@ class AsyncClient:
         id: str | None,
         token: str | None,
     ) -> AsyncShardedSession:
-        layout, (id, token), plans = create_plans(
+        flow = create_flow(
             [shard._core for shard in self._shards], params, optimizer, mode=mode,
             schedule=schedule, name=name, nonfinite=nonfinite, dtype=dtype,
             chunk_bytes=self._chunk_bytes, id=id, token=token,
         )  # fmt: skip
-        try:
-            try:
-                created = await self._fan(Fanout(dict(enumerate(p.create for p in plans)), dict))
-            except ShardError as error:
-                # Other creators of this id (chosen) won some shards: this one uploads the weights
-                # of the shards it won, as they do of theirs, so that the session is whole.
-                if exists_already(error):
-                    await self._fan(Fanout(_uploads(plans, error.results), dict))
-                raise
-            await self._fan(Fanout(_uploads(plans, created), dict))
-            core = ShardedCore([created[i] for i in range(len(plans))], layout)
-            await self._fan(core.info())
-        except BaseException as error:
-            if not exists_already(error):  # else it is another creator's, maybe in progress
-                await self._discard(id, token)
-            raise
-        return AsyncShardedSession(self, core, self._shards)
-
-    async def _discard(self, id: str, token: str) -> None:
-        """After a failed sharded creation or import: delete what any shard may hold of it."""
-        for shard in self._shards:
-            with contextlib.suppress(Exception):
-                await shard._request(shard._core.session(id, token).delete())
+        return AsyncShardedSession(self, await self._drive(flow), self._shards)
 
     def session(self, id: str, token: str | None = None) -> AsyncSession:
         """A handle on an existing session; without ``token``, the admin key opens it. With
@@ -249,17 +224,8 @@ class AsyncClient:
         """See :meth:`optserver_client.Client.import_state`."""
         if not self._sharding:
             return AsyncSession(self, await self._request(self._core.import_state(data, name)))
-        layout, (id, token), calls = import_plans(
-            [shard._core for shard in self._shards], data, name, self._chunk_bytes
-        )
-        try:
-            created = await self._fan(Fanout(dict(enumerate(calls)), dict))
-            core = ShardedCore([created[i] for i in range(len(calls))], layout)
-            await self._fan(core.info())
-        except BaseException:
-            await self._discard(id, token)
-            raise
-        return AsyncShardedSession(self, core, self._shards)
+        flow = import_flow([shard._core for shard in self._shards], data, name, self._chunk_bytes)
+        return AsyncShardedSession(self, await self._drive(flow), self._shards)
 
     async def health(self) -> dict[str, Any]:
         """The server's health; with several URLs, ``{"status", "shards": [...]}``."""
@@ -277,6 +243,20 @@ class AsyncClient:
         if self._wire is not None:
             self._wire.close()
         await self._http.aclose()
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        """Run a flow of fanouts to its end (see ``_sharded``)."""
+        try:
+            fanout = next(flow)
+            while True:
+                try:
+                    result = await self._fan(fanout)
+                except Exception as error:
+                    fanout = flow.throw(error)
+                else:
+                    fanout = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
     async def _fan(self, fanout: Fanout[T], shards: Sequence[AsyncClient] | None = None) -> T:
         """Send a fanout's calls to their shards at once; merge, or raise (see ``settle``)."""
@@ -559,20 +539,13 @@ class AsyncShardedSession(AsyncSession):
     async def _ready(self) -> ShardedCore:
         """The session's layout and shards in order: read from their descriptions once."""
         async with self._opening:
-            if self._sharded is not None:
-                return self._sharded
-            shards = self._shard_clients
-            cores = {
-                i: s._core.session(self._core.id, self._core.token) for i, s in enumerate(shards)
-            }
-            infos = await self._client._fan(Fanout({i: c.info() for i, c in cores.items()}, dict))
-            layout, order = attach_layout(infos, len(shards))
-            core = ShardedCore([cores[p] for p in order], layout)
-            core.observe({i: infos[p] for i, p in enumerate(order)})
-            self._shard_clients = tuple(shards[p] for p in order)
-            self._core = core.cores[0]
-            self._sharded = core
-            return core
+            if self._sharded is None:
+                shards = self._shard_clients
+                flow = open_flow([s._core for s in shards], self._core.id, self._core.token)
+                core, order = await self._client._drive(flow)
+                self._shard_clients = tuple(shards[p] for p in order)
+                self._core, self._sharded = core.cores[0], core
+            return self._sharded
 
     async def _run(self, plan: Callable[[ShardedCore], Fanout[T]]) -> T:
         core = await self._ready()

@@ -28,19 +28,16 @@ from optserver_client._protocol import (
 from optserver_client._retry import RetryPolicy
 from optserver_client._sharded import (
     Fanout,
+    Flow,
     ShardedCore,
-    attach_layout,
-    create_plans,
-    exists_already,
-    import_plans,
+    create_flow,
+    import_flow,
+    open_flow,
     settle,
-)
-from optserver_client._sharded import (
-    uploads as _uploads,
 )
 from optserver_client._wire import Transport, usable
 from optserver_client.buffers import DEFAULT_POOL_BYTES, BufferPool
-from optserver_client.exceptions import OptserverError, ShardError
+from optserver_client.exceptions import OptserverError
 from optserver_client.sharding import DEFAULT_CHUNK_BYTES, shard_urls
 from optserver_client.vocabulary import RETRY_AFTER_HEADER
 
@@ -210,34 +207,12 @@ class Client:
         id: str | None,
         token: str | None,
     ) -> ShardedSession:
-        layout, (id, token), plans = create_plans(
+        flow = create_flow(
             [shard._core for shard in self._shards], params, optimizer, mode=mode,
             schedule=schedule, name=name, nonfinite=nonfinite, dtype=dtype,
             chunk_bytes=self._chunk_bytes, id=id, token=token,
         )  # fmt: skip
-        try:
-            try:
-                created = self._fan(Fanout(dict(enumerate(p.create for p in plans)), dict))
-            except ShardError as error:
-                # Other creators of this id (chosen) won some shards: this one uploads the weights
-                # of the shards it won, as they do of theirs, so that the session is whole.
-                if exists_already(error):
-                    self._fan(Fanout(_uploads(plans, error.results), dict))
-                raise
-            self._fan(Fanout(_uploads(plans, created), dict))
-            core = ShardedCore([created[i] for i in range(len(plans))], layout)
-            self._fan(core.info())  # learns the shards' versions and the non-finite policy
-        except BaseException as error:
-            if not exists_already(error):  # else it is another creator's, maybe in progress
-                self._discard(id, token)
-            raise
-        return ShardedSession(self, core, self._shards)
-
-    def _discard(self, id: str, token: str) -> None:
-        """After a failed sharded creation or import: delete what any shard may hold of it."""
-        for shard in self._shards:
-            with contextlib.suppress(Exception):
-                shard._request(shard._core.session(id, token).delete())
+        return ShardedSession(self, self._drive(flow), self._shards)
 
     def session(self, id: str, token: str | None = None) -> Session:
         """A handle on an existing session; without ``token``, the admin key opens it. With
@@ -245,11 +220,7 @@ class Client:
         URLs may come in any order."""
         if not self._sharding:
             return Session(self, self._core.session(id, token))
-        cores = {i: shard._core.session(id, token) for i, shard in enumerate(self._shards)}
-        infos = self._fan(Fanout({i: core.info() for i, core in cores.items()}, dict))
-        layout, order = attach_layout(infos, len(self._shards))
-        core = ShardedCore([cores[p] for p in order], layout)
-        core.observe({i: infos[p] for i, p in enumerate(order)})
+        core, order = self._drive(open_flow([s._core for s in self._shards], id, token))
         return ShardedSession(self, core, tuple(self._shards[p] for p in order))
 
     def list_sessions(self) -> list[dict[str, Any]]:
@@ -263,17 +234,8 @@ class Client:
         URLs, it is spread over them, whatever number of shards it was exported from."""
         if not self._sharding:
             return Session(self, self._request(self._core.import_state(data, name)))
-        layout, (id, token), calls = import_plans(
-            [shard._core for shard in self._shards], data, name, self._chunk_bytes
-        )
-        try:
-            created = self._fan(Fanout(dict(enumerate(calls)), dict))
-            core = ShardedCore([created[i] for i in range(len(calls))], layout)
-            self._fan(core.info())
-        except BaseException:
-            self._discard(id, token)
-            raise
-        return ShardedSession(self, core, self._shards)
+        flow = import_flow([shard._core for shard in self._shards], data, name, self._chunk_bytes)
+        return ShardedSession(self, self._drive(flow), self._shards)
 
     def health(self) -> dict[str, Any]:
         """The server's health; with several URLs, ``{"status", "shards": [...]}``."""
@@ -293,27 +255,39 @@ class Client:
             self._wire.close()
         self._http.close()
 
+    def _drive(self, flow: Flow[T]) -> T:
+        """Run a flow of fanouts to its end (see ``_sharded``)."""
+        try:
+            fanout = next(flow)
+            while True:
+                try:
+                    result = self._fan(fanout)
+                except Exception as error:
+                    fanout = flow.throw(error)
+                else:
+                    fanout = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
     def _fan(self, fanout: Fanout[T], shards: Sequence[Client] | None = None) -> T:
         """Send a fanout's calls to their shards at once; merge, or raise (see ``settle``)."""
         targets = self._shards if shards is None else shards
         pool = self._pool
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
-        if pool is None or len(fanout.calls) == 1:
-            for i, call in fanout.calls.items():
-                try:
-                    results[i] = targets[i]._request(call)
-                except Exception as error:
-                    errors[i] = error
-        else:
-            futures = {
-                i: pool.submit(targets[i]._request, call) for i, call in fanout.calls.items()
-            }
-            for i, future in futures.items():
-                try:
-                    results[i] = future.result()
-                except Exception as error:
-                    errors[i] = error
+        calls = list(fanout.calls.items())
+        # All but the last on the pool's threads, the last on this one (one hand-off fewer).
+        futures = {i: pool.submit(targets[i]._request, c) for i, c in calls[:-1]} if pool else {}
+        for i, call in calls[len(futures) :] if futures else calls:
+            try:
+                results[i] = targets[i]._request(call)
+            except Exception as error:
+                errors[i] = error
+        for i, future in futures.items():
+            try:
+                results[i] = future.result()
+            except Exception as error:
+                errors[i] = error
         return settle(fanout, results, errors, [t.url for t in targets])
 
     def __enter__(self) -> Self:

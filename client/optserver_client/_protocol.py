@@ -271,7 +271,7 @@ class ClientCore:
         """``id`` and ``token`` choose the session's (the shards of a sharded session share
         them); ``sharding`` is the shard's description (see :mod:`optserver_client.sharding`)."""
         wire_dtype = None if dtype is None else dtype_of(dtype).newbyteorder("<")
-        arrays = None if params is None else _param_arrays(params, wire_dtype)
+        arrays = None if params is None else weight_arrays(params, dtype)
         body: dict[str, Any] = {"optimizer": _options(optimizer)}
         for key, value in (
             ("name", name),
@@ -604,6 +604,12 @@ def new_key() -> str:
 def _options(value: str | Mapping[str, Any]) -> dict[str, Any]:
     """An optimizer or mode given by name alone ("adam") or as options with a "name"."""
     return {"name": value} if isinstance(value, str) else dict(value)
+
+
+def weight_arrays(params: Tensors, dtype: str | np.dtype[Any] | None) -> dict[str, Array]:
+    """Initial weights as a session stores them: cast to ``dtype`` (None: each array's own
+    float32/float64 dtype), float16 widened to float32."""
+    return _param_arrays(params, None if dtype is None else dtype_of(dtype).newbyteorder("<"))
 
 
 def _param_arrays(params: Tensors, dtype: np.dtype[Any] | None) -> dict[str, Array]:

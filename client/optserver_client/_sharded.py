@@ -3,7 +3,10 @@
 
 A :class:`Fanout` is the calls of one operation (shard index -> :class:`Call`) and the function
 that merges their results. The sync and async shells send a fanout's calls at once (threads,
-or tasks) and hand the results to its merge; one rule for errors serves both (:func:`settle`):
+or tasks) and hand the results to its merge. An operation of several rounds (creating,
+importing, opening a session) is a :data:`Flow`: a generator that yields fanouts, is sent their
+results (or thrown their errors), and returns its result; the shells only drive it. One rule
+for errors serves both (:func:`settle`):
 if every call failed, nothing changed anywhere and the first shard's error is raised as it is;
 if some failed and others did not, a :class:`ShardError` names the shards that failed, and for
 a step carries the Idempotency-Key that completes it exactly once when pushed again.
@@ -11,10 +14,11 @@ a step carries the Idempotency-Key that completes it exactly once when pushed ag
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -27,10 +31,11 @@ from optserver_client._protocol import (
     Tensors,
     Unset,
     new_key,
+    weight_arrays,
 )
 from optserver_client.exceptions import ConflictError, ProtocolError, ShardError
-from optserver_client.safetensors_io import encode_parts
-from optserver_client.sharding import Layout, Piece
+from optserver_client.safetensors_io import encode, encode_parts
+from optserver_client.sharding import Layout
 from optserver_client.vocabulary import (
     PARAMS_PREFIX,
     STATE_FORMAT,
@@ -43,21 +48,25 @@ from optserver_client.vocabulary import (
 
 __all__ = [
     "Fanout",
+    "Flow",
     "ShardedCore",
     "attach_layout",
-    "create_plans",
+    "create_flow",
     "exists_already",
-    "import_plans",
+    "import_flow",
     "join_tensors",
     "merge_exports",
+    "open_flow",
     "settle",
     "split_tensors",
-    "uploads",
 ]
 
 T = TypeVar("T")
 
 _F32 = np.dtype("<f4")
+
+#: An operation of several rounds of calls (see the module's docstring).
+Flow: TypeAlias = Generator["Fanout[Any]", Any, T]
 
 
 @dataclass(frozen=True)
@@ -124,8 +133,7 @@ def split_tensors(layout: Layout, tensors: Mapping[str, Array]) -> dict[int, dic
     out: dict[int, dict[str, Array]] = {}
     for name, array in tensors.items():
         for piece in layout.pieces(name, _rows(array)):
-            part = array if piece.whole else array[piece.start : piece.stop]
-            out.setdefault(piece.shard, {})[piece.remote] = part
+            out.setdefault(piece.shard, {})[piece.remote] = piece.of(array)
     return out
 
 
@@ -277,19 +285,18 @@ class ShardedCore:
         grad_arrays = {n: as_array(g, default=default) for n, g in grads.items()}
         if not grad_arrays:
             raise ValueError("a step needs at least one gradient")
-        param_arrays = {
-            n: as_array(p, default=self.cores[0].default_dtype) for n, p in (params or {}).items()
-        }
+        param_arrays = {n: as_array(p, default=default) for n, p in (params or {}).items()}
         grad_parts = split_tensors(self.layout, grad_arrays)
         param_parts = split_tensors(self.layout, param_arrays)
-        self.holders.update(param_parts)
-        shards = sorted(set(grad_parts))
-        bad = self._nonfinite_shards(grad_arrays)
+        self.holders.update(grad_parts, param_parts)
+        shards = sorted(grad_parts)
+        # A push to one shard needs no routing: that shard alone decides.
+        bad = self._nonfinite_shards(grad_arrays) if len(shards) > 1 else set()
         pulls: dict[int, list[str] | None] = {}
         if bad:
             shards = sorted(bad)
             if self.nonfinite == "skip" and return_ != "none":
-                pulls = self._pull_names(grad_arrays, params, return_, skip=set(shards))
+                pulls = self._skipped_answer(list(grad_arrays) + list(param_arrays), return_, bad)
         for name, grad in grad_arrays.items():
             if name in self.layout.split:
                 self.shapes[name] = grad.shape
@@ -314,42 +321,27 @@ class ShardedCore:
         return Fanout(calls, merge, key)
 
     def _nonfinite_shards(self, grads: Mapping[str, Array]) -> set[int]:
-        """The shards whose pieces of ``grads`` hold NaN or Inf (none under 'allow', nor when
-        the push goes to one shard: it decides alone)."""
-        if self.nonfinite == "allow" or self.layout.count == 1:
+        """The shards whose pieces of ``grads`` hold NaN or Inf (none under 'allow')."""
+        if self.nonfinite == "allow":
             return set()
         bad: set[int] = set()
         for name, array in grads.items():
             if array.dtype.kind != "f" or _all_finite(array):
                 continue
             for piece in self.layout.pieces(name, _rows(array)):
-                part = array if piece.whole else array[piece.start : piece.stop]
-                if not np.isfinite(part).all():
+                if not np.isfinite(piece.of(array)).all():
                     bad.add(piece.shard)
         return bad
 
-    def _pull_names(
-        self,
-        grads: Mapping[str, Array],
-        params: Tensors | None,
-        return_: ReturnMode,
-        skip: set[int],
+    def _skipped_answer(
+        self, names: Iterable[str], return_: ReturnMode, skip: set[int]
     ) -> dict[int, list[str] | None]:
-        """Per shard outside ``skip``, the shard-side names a skipped step's answer carries
-        (None: every tensor, for return=all)."""
-        out: dict[int, list[str] | None] = {}
+        """What a skipped step's answer carries from the shards outside ``skip``: per shard,
+        the shard-side names of ``names`` (None: every tensor, for return=all)."""
         if return_ == "all":
             return {i: None for i in self.layout.shards() if i not in skip}
-        for name, array in {
-            **grads,
-            **{n: as_array(p, default=_F32) for n, p in (params or {}).items()},
-        }.items():
-            for piece in self.layout.pieces(name, _rows(array)):
-                if piece.shard not in skip:
-                    names = out.setdefault(piece.shard, [])
-                    assert names is not None
-                    names.append(piece.remote)
-        return out
+        per = self._remote_names(names)
+        return {i: remote for i, remote in per.items() if i not in skip}
 
     # --- weights ---------------------------------------------------------------------------
 
@@ -366,21 +358,17 @@ class ShardedCore:
         if names is None:
             calls = {i: core.pull(None, into.get(i)) for i, core in enumerate(self.cores)}
         else:
-            per: dict[int, list[str]] = {}
-            for name in wanted:
-                for piece in self._stored(name):
-                    per.setdefault(piece.shard, []).append(piece.remote)
-            calls = {
-                i: self.cores[i].pull(remote, into.get(i)) for i, remote in sorted(per.items())
-            }
+            per = self._remote_names(wanted)
+            calls = {i: self.cores[i].pull(per[i], into.get(i)) for i in sorted(per)}
         return Fanout(calls, lambda results: join_tensors(self.layout, results.values(), outputs))
 
-    def _stored(self, name: str) -> list[Piece]:
-        """Where an existing tensor is stored (rows unknown here: chunk names and shards)."""
-        chunks = self.layout.split.get(name)
-        if chunks is None:
-            return self.layout.pieces(name, 1)
-        return self.layout.pieces(name, chunks)
+    def _remote_names(self, names: Iterable[str]) -> dict[int, list[str]]:
+        """Per shard, the shard-side names under which it stores its parts of ``names``."""
+        per: dict[int, list[str]] = {}
+        for name in names:
+            for shard, remote in self.layout.stored(name):
+                per.setdefault(shard, []).append(remote)
+        return per
 
     def set_params(self, params: Tensors) -> Fanout[dict[str, Any]]:
         arrays = {n: as_array(p, default=self.cores[0].default_dtype) for n, p in params.items()}
@@ -392,7 +380,7 @@ class ShardedCore:
         parts = split_tensors(self.layout, arrays)
         self.holders.update(parts)
         calls = {i: self.cores[i].set_params(part) for i, part in sorted(parts.items())}
-        return Fanout(calls, lambda results: self._merged_info(results))
+        return Fanout(calls, self._merged_info)
 
     # --- the session -----------------------------------------------------------------------
 
@@ -490,7 +478,7 @@ def merge_exports(layout: Layout, documents: Mapping[int, bytes]) -> bytes:
     record["steps"] = steps
     record.pop("sharding", None)
     metadata = {STATE_FORMAT_KEY: STATE_FORMAT, STATE_RECORD_KEY: encode_json(record).decode()}
-    return b"".join(bytes(part) for part in encode_parts(merged, metadata))
+    return bytes(encode(merged, metadata))
 
 
 def _export_key(key: str) -> tuple[str, str, str]:
@@ -506,7 +494,7 @@ def _export_key(key: str) -> tuple[str, str, str]:
 # --- creating and importing -----------------------------------------------------------------
 
 
-def create_plans(
+def create_flow(
     clients: Sequence[ClientCore],
     params: Tensors | None,
     optimizer: str | Mapping[str, Any],
@@ -519,15 +507,14 @@ def create_plans(
     chunk_bytes: int,
     id: str | None = None,
     token: str | None = None,
-) -> tuple[Layout, tuple[str, str], list[CreatePlan]]:
-    """The creation of a session on every shard: one id and token (those given, or new
-    ones), the layout from the weights (cast to ``dtype`` first, so that their sizes are
-    those stored)."""
-    probe = clients[0].create_session(
-        params, optimizer, mode=mode, schedule=schedule, name=name, nonfinite=nonfinite,
-        dtype=dtype,
-    )  # fmt: skip
-    arrays = _initial_arrays(probe, params, dtype)
+) -> Flow[ShardedCore]:
+    """Create a session on every shard: one id and token (those given, or new ones), the
+    layout from the weights as they will be stored (cast to ``dtype``), each shard's part
+    uploaded. A failed creation is deleted everywhere, unless it failed because the session
+    exists (a chosen id): it is then another creator's, maybe in progress; this creator still
+    uploads the weights of the shards it won, as the others do of theirs, so that the session
+    ends up whole."""
+    arrays = weight_arrays(params, dtype) if params is not None else {}
     layout = Layout.plan(
         {n: (a.shape, a.dtype.itemsize) for n, a in arrays.items()}, len(clients), chunk_bytes
     )
@@ -541,10 +528,24 @@ def create_plans(
         )
         for i, client in enumerate(clients)
     ]  # fmt: skip
-    return layout, (id, token), plans
+    try:
+        try:
+            created = yield Fanout(dict(enumerate(p.create for p in plans)), dict)
+        except ShardError as error:
+            if exists_already(error):
+                yield Fanout(_uploads(plans, error.results), dict)
+            raise
+        yield Fanout(_uploads(plans, created), dict)
+        core = ShardedCore([created[i] for i in range(len(plans))], layout)
+        yield core.info()  # learns the shards' versions and the non-finite policy
+    except Exception as error:
+        if not exists_already(error):
+            yield from _discard(clients, id, token)
+        raise
+    return core
 
 
-def uploads(
+def _uploads(
     plans: Sequence[CreatePlan], created: Mapping[int, SessionCore]
 ) -> dict[int, Call[Any]]:
     """The PUTs of the initial weights to the shards whose session ``created`` holds."""
@@ -556,27 +557,23 @@ def uploads(
     return calls
 
 
-def _initial_arrays(
-    probe: CreatePlan, params: Tensors | None, dtype: str | None
-) -> dict[str, Array]:
-    """The initial weights as the server will store them (the probe plan casts them)."""
-    if params is None:
-        return {}
-    if probe.upload is not None:
-        return probe.upload
-    return {n: as_array(p, None if dtype is None else np.dtype(dtype), default=_F32)
-            for n, p in params.items()}  # fmt: skip
+def _discard(clients: Sequence[ClientCore], id: str, token: str) -> Flow[None]:
+    """After a failed creation or import: delete what any shard may hold of it (what fails
+    here is left: the failure being raised is the one that matters)."""
+    deletes = {i: client.session(id, token).delete() for i, client in enumerate(clients)}
+    with contextlib.suppress(Exception):  # best effort, see above
+        yield Fanout(deletes, dict)
 
 
-def import_plans(
+def import_flow(
     clients: Sequence[ClientCore],
     data: bytes | bytearray | memoryview,
     name: str | None,
     chunk_bytes: int,
-) -> tuple[Layout, tuple[str, str], list[Call[SessionCore]]]:
-    """Importing one state document (of a session of any number of shards, as
+) -> Flow[ShardedCore]:
+    """Import one state document (of a session of any number of shards, as
     :meth:`ShardedCore.export_state` writes it) onto ``clients``: the weights and state cut
-    anew for these shards, one id and token for all."""
+    anew for these shards, one id and token for all; deleted everywhere if it fails."""
     arrays, metadata = decode_safetensors(bytes(data))
     if metadata.get(STATE_FORMAT_KEY) != STATE_FORMAT or STATE_RECORD_KEY not in metadata:
         raise ValueError("not an optserver state export")
@@ -596,26 +593,43 @@ def import_plans(
         prefix, tensor, field = _export_key(key)
         rows = _rows(weights[tensor]) if tensor in weights else _rows(array)
         for piece in layout.pieces(tensor, rows):
-            part = array if piece.whole else array[piece.start : piece.stop]
-            per_shard[piece.shard][prefix + piece.remote + field] = part
-    steps = dict(record.get("steps") or {})
+            per_shard[piece.shard][prefix + piece.remote + field] = piece.of(array)
+    steps: dict[int, dict[str, int]] = {i: {} for i in layout.shards()}
+    for tensor, count in dict(record.get("steps") or {}).items():
+        for piece in layout.pieces(tensor, _rows(weights[tensor]) if tensor in weights else 1):
+            steps[piece.shard][piece.remote] = count
     id, token = new_identity()
-    calls = []
+    identity = encode_json({"id": id, "token": token}).decode()
+    calls = {}
     for i, client in enumerate(clients):
-        shard_steps = {}
-        for tensor, count in steps.items():
-            rows = _rows(weights[tensor]) if tensor in weights else 1
-            for piece in layout.pieces(tensor, rows):
-                if piece.shard == i:
-                    shard_steps[piece.remote] = count
-        shard_record = {**record, "steps": shard_steps, "sharding": layout.descriptor(i)}
+        shard_record = {**record, "steps": steps[i], "sharding": layout.descriptor(i)}
         shard_metadata = {
             STATE_FORMAT_KEY: STATE_FORMAT,
             STATE_RECORD_KEY: encode_json(shard_record).decode(),
-            STATE_IDENTITY_KEY: encode_json({"id": id, "token": token}).decode(),
+            STATE_IDENTITY_KEY: identity,
         }
-        calls.append(client.import_state(encode_parts(per_shard[i], shard_metadata), name))
-    return layout, (id, token), calls
+        calls[i] = client.import_state(encode_parts(per_shard[i], shard_metadata), name)
+    try:
+        created = yield Fanout(calls, dict)
+        core = ShardedCore([created[i] for i in range(len(calls))], layout)
+        yield core.info()
+    except Exception:
+        yield from _discard(clients, id, token)
+        raise
+    return core
+
+
+def open_flow(
+    clients: Sequence[ClientCore], id: str, token: str | None
+) -> Flow[tuple[ShardedCore, list[int]]]:
+    """Open an existing sharded session from its shards' descriptions: its core, and for each
+    shard index the position of its URL among ``clients`` (given in any order)."""
+    cores = {i: client.session(id, token) for i, client in enumerate(clients)}
+    infos = yield Fanout({i: core.info() for i, core in cores.items()}, dict)
+    layout, order = attach_layout(infos, len(clients))
+    core = ShardedCore([cores[p] for p in order], layout)
+    core.observe({i: infos[p] for i, p in enumerate(order)})
+    return core, order
 
 
 def attach_layout(infos: Mapping[int, Mapping[str, Any]], count: int) -> tuple[Layout, list[int]]:

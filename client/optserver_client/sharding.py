@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from optserver_client.vocabulary import CHUNK_SEPARATOR
 
 __all__ = [
@@ -57,6 +59,11 @@ class Piece:
     start: int
     stop: int
     whole: bool
+
+    def of(self, array: np.ndarray) -> np.ndarray:
+        """This piece of the tensor's ``array``: a view (rows of a C-contiguous array are
+        contiguous)."""
+        return array if self.whole else array[self.start : self.stop]
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,14 @@ class Layout:
             out.append(Piece(name, self.shard_of(name, k), remote, start, stop, False))
             start = stop
         return out
+
+    def stored(self, name: str) -> list[tuple[int, str]]:
+        """Where tensor ``name`` is stored: (shard, shard-side name) of each of its parts, in
+        row order (no rows needed: a cut tensor's chunk count is in :attr:`split`)."""
+        chunks = self.split.get(name)
+        if chunks is None:
+            return [(self.shard_of(name), name)]
+        return [(self.shard_of(name, k), chunk_name(name, k)) for k in range(chunks)]
 
     def owner(self, remote: str) -> tuple[str, int] | None:
         """The tensor and chunk index that a shard's tensor ``remote`` is a chunk of, if any."""

@@ -20,9 +20,10 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def new_token() -> tuple[str, bytes]:
-    """A fresh session token and its digest (the token is shown once, at creation)."""
-    token = secrets.token_urlsafe(32)
+def new_token(chosen: str | None = None) -> tuple[str, bytes]:
+    """A session token and its digest: ``chosen`` (the client's, validated by the caller), or
+    a fresh one (the token is shown once, at creation)."""
+    token = secrets.token_urlsafe(32) if chosen is None else chosen
     return token, digest(token)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from optserver_client.vocabulary import RETRY_AFTER_HEADER, ProblemSlug, problem_type
+from pydantic import ValidationError
 
 __all__ = [
     "BadRequest",
@@ -223,7 +224,7 @@ class RequestTimeout(ProblemError):
     title = "Request timeout"
 
 
-def invalid_fields(error: Any, where: str = "") -> UnprocessableContent:
+def invalid_fields(error: ValidationError, where: str = "") -> UnprocessableContent:
     """A pydantic ``ValidationError`` as a 422 that names each field and what is wrong with it
     (``errors``: loc, msg, type), never the value sent (it may be a secret); ``where`` prefixes
     the locations (e.g. the metadata key of an embedded document)."""

@@ -35,7 +35,6 @@ from optserver_client.vocabulary import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from optserver import auth
 from optserver.admission import hyper
 from optserver.config import NonFinitePolicy
 from optserver.errors import BadRequest, InvalidTensor, UnprocessableContent, invalid_fields
@@ -314,10 +313,7 @@ def import_session(
     record = parse_record(metadata[RECORD_KEY])
     record.private = None  # an import is a new session: never another server's identity
     identity = parse_identity(metadata.get(IDENTITY_KEY))
-    token, digest = (
-        store.new_token() if identity.token is None
-        else (identity.token, auth.digest(identity.token))
-    )  # fmt: skip
+    token, digest = store.new_token(identity.token)
     session = restore_session(
         record, tensors, store.limits, token_digest=digest, name=name, id=identity.id
     )

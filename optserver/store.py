@@ -142,9 +142,10 @@ class SessionStore:
             self.recorder.wait(ticket)
 
     @staticmethod
-    def new_token() -> tuple[str, bytes]:
-        """A fresh session token and the digest that is all the server keeps of it."""
-        return auth.new_token()
+    def new_token(chosen: str | None = None) -> tuple[str, bytes]:
+        """A session token (``chosen``, or a fresh one) and the digest that is all the server
+        keeps of it."""
+        return auth.new_token(chosen)
 
     def create(
         self,
@@ -164,7 +165,7 @@ class SessionStore:
         chooses it, as ``id`` the id). ``dtype``: the weights' dtype the session is declared
         for (its hyperparameters must be finite in it). ``sharding``: its part of a sharded
         session."""
-        token, digest = self.new_token() if token is None else (token, auth.digest(token))
+        token, digest = self.new_token(token)
         built = hyper(partial(create, optimizer))
         if dtype is not None:
             hyper(partial(built.check_dtype, param_dtype(dtype)))

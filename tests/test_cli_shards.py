@@ -19,6 +19,7 @@ import httpx
 import pytest
 from optserver_client import Session, ShardedSession
 
+from optserver.demo import mlp
 from optserver.embedded import free_port
 from tests.live import LiveServer, live_server
 
@@ -106,10 +107,15 @@ def test_create_session_with_a_chosen_id_once_per_worker(two: list[LiveServer]) 
     for t in threads:
         t.join(300)
     assert [o.returncode for o in outcomes] == [0, 0, 0], [o.stderr for o in outcomes]
-    assert sum("created session shared-run" in o.stdout for o in outcomes) >= 1
+    # At most one creator won every shard ("created"); when creators split the shards, each
+    # uploads its own and all of them report the session found, whole.
+    said = [("created" in o.stdout, "found existing" in o.stdout) for o in outcomes]
+    assert sum(created for created, _ in said) <= 1 and all(a != b for a, b in said)
     for server in two:
         listed = httpx.get(server.url + "/v1/sessions").json()["sessions"]
         assert [s["id"] for s in listed].count("shared-run") == 1
+    with Session.attach(urls, "shared-run", TOKEN) as session:  # every weight is there
+        assert sorted(session.pull()) == sorted(mlp.init_params(0))
     # Without --exist-ok, the session existing is an error that says so.
     again = cli(*args, env={"OPTSERVER_SESSION_TOKEN": TOKEN})
     assert again.returncode == 1 and "exists already" in again.stderr

@@ -560,44 +560,59 @@ def size_label(size: int) -> str:
     return f"1e{exponent}" if size == 10**exponent else str(size)
 
 
-def table(cells: Sequence[Cell]) -> str:
-    columns = ("P", "workers", "system", "steps/s", "p50 ms", "p90 ms", "optserver / row",
+@dataclass(frozen=True)
+class Ratio:
+    """The ratio column of the tables: ``reference``'s steps/s over the row's (or the row's
+    over the reference's, ``row_over_reference``), in the same cell."""
+
+    reference: str = "optserver"
+    title: str = "optserver / row"
+    row_over_reference: bool = False
+
+    def of(self, reference: float, row: float) -> float:
+        return row / reference if self.row_over_reference else reference / row
+
+
+def table(cells: Sequence[Cell], ratio: Ratio = Ratio()) -> str:
+    columns = ("P", "workers", "system", "steps/s", "p50 ms", "p90 ms", ratio.title,
                "steps", "own CPU", "other CPU")  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    ours = {(c.size, c.workers): c.rate for c in cells if c.system == "optserver" and not c.error}
+    refs = {
+        (c.size, c.workers): c.rate for c in cells if c.system == ratio.reference and not c.error
+    }
     for c in cells:
         head = [size_label(c.size), str(c.workers), LABELS[c.system]]
         if c.error:
             lines.append("| " + " | ".join([*head, f"failed: {c.error}"] + [""] * 6) + " |")
             continue
         p50, p90 = np.percentile(np.array(c.latencies) * 1e3, [50, 90])
-        mine = ours.get((c.size, c.workers))
-        ratio = f"{mine / c.rate:.2f}" if mine and c.rate else "-"
-        row = [f"{c.rate:,.1f}", f"{p50:.3f}", f"{p90:.3f}", ratio, str(c.steps),
+        ref = refs.get((c.size, c.workers))
+        shown = f"{ratio.of(ref, c.rate):.2f}" if ref and c.rate else "-"
+        row = [f"{c.rate:,.1f}", f"{p50:.3f}", f"{p90:.3f}", shown, str(c.steps),
                f"{c.own_cores:.2f}", f"{c.other_cores:.2f}"]  # fmt: skip
         lines.append("| " + " | ".join(head + row) + " |")
     return "\n".join(lines)
 
 
-def spread(rounds: Sequence[Sequence[Cell]]) -> str:
-    """Per cell, the median and range of steps/s and of optserver's ratio to it, over rounds."""
+def spread(rounds: Sequence[Sequence[Cell]], ratio: Ratio = Ratio()) -> str:
+    """Per cell, the median and range of steps/s and of the ratio column, over rounds."""
     columns = ("P", "workers", "system", "steps/s median (min-max)",
-               "optserver / row median (min-max)")  # fmt: skip
+               f"{ratio.title} median (min-max)")  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for index, first in enumerate(rounds[0]):
         rates, ratios = [], []
         for cells in rounds:
             cell = cells[index]
-            mine = next(
+            ref = next(
                 (c.rate for c in cells if (c.system, c.size, c.workers, c.error)
-                 == ("optserver", first.size, first.workers, None)),
+                 == (ratio.reference, first.size, first.workers, None)),
                 None,
             )  # fmt: skip
             if cell.error or not cell.rate:
                 continue
             rates.append(cell.rate)
-            if mine:
-                ratios.append(mine / cell.rate)
+            if ref:
+                ratios.append(ratio.of(ref, cell.rate))
         head = [size_label(first.size), str(first.workers), LABELS[first.system]]
         if not rates or not ratios:
             lines.append("| " + " | ".join([*head, "failed", ""]) + " |")
@@ -608,6 +623,39 @@ def spread(rounds: Sequence[Sequence[Cell]]) -> str:
             f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
+
+
+def run_rounds(
+    bench: Bench, plan: Sequence[tuple[int, int]], systems: Sequence[str], rounds: int
+) -> list[list[Cell]]:
+    """Every cell of ``plan`` (size, workers) for every system, ``rounds`` times, the systems
+    taking turns; progress on stderr; the bench is closed at the end."""
+    measured: list[list[Cell]] = []
+    try:
+        for _ in range(max(1, rounds)):
+            cells = []
+            for size, workers in plan:
+                for system in systems:
+                    cell = bench.measure(system, size, workers)
+                    cells.append(cell)
+                    status = cell.error or f"{cell.rate:,.1f} steps/s"
+                    print(f"{LABELS[system]:>10} P={size_label(size)} x{workers}: {status}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+            measured.append(cells)
+    finally:
+        bench.close()
+    return measured
+
+
+def print_tables(rounds: Sequence[Sequence[Cell]], ratio: Ratio = Ratio()) -> None:
+    """The last round's table and, over several rounds, the spread."""
+    print()
+    print(table(rounds[-1], ratio))
+    if len(rounds) > 1:
+        print()
+        print(f"Over {len(rounds)} rounds (the table above is the last):")
+        print()
+        print(spread(rounds, ratio))
 
 
 def main() -> None:
@@ -644,22 +692,8 @@ def main() -> None:
     )
     plan = [(size, 1) for size in sizes] + ([(int(args.multi_size), multi)] if multi > 0 else [])
     bench = Bench(args, budget)
-    cells: list[Cell] = []
     began = time.monotonic()
-    rounds: list[list[Cell]] = []
-    try:
-        for _ in range(max(1, args.rounds)):
-            cells = []
-            for size, workers in plan:
-                for system in args.systems:
-                    cell = bench.measure(system, size, workers)
-                    cells.append(cell)
-                    status = cell.error or f"{cell.rate:,.1f} steps/s"
-                    print(f"{LABELS[system]:>10} P={size_label(size)} x{workers}: {status}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-            rounds.append(cells)
-    finally:
-        bench.close()
+    rounds = run_rounds(bench, plan, args.systems, args.rounds)
     print(
         f"Adam lr {LR}, float32; {os.cpu_count()} CPUs; timed >= {budget.seconds:g} s and >= "
         f"{budget.min_steps} steps per worker per cell; total {time.monotonic() - began:.0f} s"
@@ -667,13 +701,7 @@ def main() -> None:
     if "rpc" in bench.notes:
         channels = ",".join(bench.rpc_channels) or "default"
         print(f"torch rpc: {bench.notes['rpc']}, TensorPipe uv transport, channels {channels}")
-    print()
-    print(table(cells))
-    if len(rounds) > 1:
-        print()
-        print(f"Over {len(rounds)} rounds (the table above is the last):")
-        print()
-        print(spread(rounds))
+    print_tables(rounds)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,14 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ps_compare
-from ps_compare import LR, Bench, Budget, Cell, Target, size_label
+from ps_compare import LR, Bench, Budget, Ratio, Target, print_tables, run_rounds
 
 SYSTEMS = {"single": "1 server", "one-shard": "1 shard", "two-shards": "2 shards"}
 ps_compare.LABELS.update(SYSTEMS)
@@ -73,43 +73,7 @@ class ShardBench(Bench):
                     session.delete()
 
 
-def table(cells: Sequence[Cell]) -> str:
-    columns = ("P", "workers", "system", "steps/s", "p50 ms", "p90 ms", "/ 1 server", "steps",
-               "own CPU", "other CPU")  # fmt: skip
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    base = {(c.size, c.workers): c.rate for c in cells if c.system == "single" and not c.error}
-    for c in cells:
-        head = [size_label(c.size), str(c.workers), SYSTEMS[c.system]]
-        if c.error:
-            lines.append("| " + " | ".join([*head, f"failed: {c.error}"] + [""] * 6) + " |")
-            continue
-        p50, p90 = np.percentile(np.array(c.latencies) * 1e3, [50, 90])
-        single = base.get((c.size, c.workers))
-        ratio = f"{c.rate / single:.2f}" if single else "-"
-        row = [f"{c.rate:,.1f}", f"{p50:.3f}", f"{p90:.3f}", ratio, str(c.steps),
-               f"{c.own_cores:.2f}", f"{c.other_cores:.2f}"]  # fmt: skip
-        lines.append("| " + " | ".join(head + row) + " |")
-    return "\n".join(lines)
-
-
-def spread(rounds: Sequence[Sequence[Cell]]) -> str:
-    columns = ("P", "workers", "system", "steps/s median (min-max)", "/ 1 server median (min-max)")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for i, first in enumerate(rounds[0]):
-        same = [r[i] for r in rounds]
-        rates = [c.rate for c in same]
-        ratios = []
-        for r, c in zip(rounds, same, strict=True):
-            single = next(x for x in r if x.system == "single" and x.size == c.size
-                          and x.workers == c.workers)  # fmt: skip
-            ratios.append(c.rate / single.rate if single.rate else 0.0)
-        head = [size_label(first.size), str(first.workers), SYSTEMS[first.system]]
-        lines.append("| " + " | ".join([
-            *head,
-            f"{np.median(rates):,.1f} ({min(rates):,.1f}-{max(rates):,.1f})",
-            f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
-        ]) + " |")  # fmt: skip
-    return "\n".join(lines)
+RATIO = Ratio(reference="single", title="/ 1 server", row_over_reference=True)
 
 
 def main() -> None:
@@ -129,33 +93,14 @@ def main() -> None:
         workers, _, size = cell.partition("x")
         plan.append((int(float(size)), int(workers)))
     bench = ShardBench(args, budget)
-    rounds: list[list[Cell]] = []
     began = time.monotonic()
-    try:
-        for _ in range(max(1, args.rounds)):
-            cells = []
-            for size, workers in plan:
-                for system in args.systems:
-                    cell = bench.measure(system, size, workers)
-                    cells.append(cell)
-                    status = cell.error or f"{cell.rate:,.1f} steps/s"
-                    print(f"{SYSTEMS[system]:>9} P={size_label(size)} x{workers}: {status}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-            rounds.append(cells)
-    finally:
-        bench.close()
+    rounds = run_rounds(bench, plan, args.systems, args.rounds)
     print(
         f"Adam lr {LR}, float32, one tensor of P; chunks above {args.chunk_bytes} bytes; "
         f"{os.cpu_count()} CPUs; timed >= {budget.seconds:g} s and >= {budget.min_steps} steps "
         f"per worker per cell; total {time.monotonic() - began:.0f} s"
     )
-    print()
-    print(table(rounds[-1]))
-    if len(rounds) > 1:
-        print()
-        print(f"Over {len(rounds)} rounds (the table above is the last):")
-        print()
-        print(spread(rounds))
+    print_tables(rounds, RATIO)
 
 
 if __name__ == "__main__":

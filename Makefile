@@ -2,16 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is only the reference of the parity tests. Pinned, so that pip takes the CPU wheel where
-# one is provided locally; elsewhere pass TORCH_INDEX=https://download.pytorch.org/whl/cpu to
-# avoid the multi-GB CUDA build.
+# torch is the reference of the parity tests and what optserver_client.torch and the torch demo
+# use. Pinned, so that pip takes the CPU wheel where one is provided locally; elsewhere pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid the multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip
 # The Python client generator whose output the tests import and drive.
 GENERATOR ?= openapi-python-client==0.29.0
 
-.PHONY: install install-demo test lint format demo bench clean
+.PHONY: install install-demo test lint format demo demo-torch bench clean
 
 install-demo: $(VENV)/.demo-installed
 
@@ -24,12 +24,17 @@ $(VENV)/.demo-installed: $(BIN)/python pyproject.toml client/pyproject.toml Make
 	$(PIP) install --progress-bar on -e ./client -e '.[demo]'
 	touch $@
 
+# The torch demo's one addition: torch (CPU).
+$(VENV)/.torch-installed: $(VENV)/.demo-installed
+	@echo "== installing torch (CPU) into $(VENV)"
+	$(PIP) install --progress-bar on '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	touch $@
+
 # The test tooling on top: test extras, torch (CPU), a client generator (its own directory:
 # it pins an older typer than ours), the TypeScript generator's packages, and chromium.
-$(VENV)/.installed: $(VENV)/.demo-installed scripts/typescript-client/package-lock.json
-	@echo "== installing the test tooling and torch (CPU) into $(VENV)"
+$(VENV)/.installed: $(VENV)/.torch-installed scripts/typescript-client/package-lock.json
+	@echo "== installing the test tooling into $(VENV)"
 	$(PIP) install --progress-bar on -e ./client -e '.[test,demo]'
-	$(PIP) install --progress-bar on '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install --quiet --upgrade --target $(VENV)/tools '$(GENERATOR)'
 	npm ci --prefix scripts/typescript-client --no-audit --no-fund
 	bash scripts/ensure_chromium.sh
@@ -54,6 +59,10 @@ test: install lint
 # Four worker processes train a small MLP on scikit-learn's digits through an embedded server.
 demo: $(VENV)/.demo-installed
 	$(BIN)/optserver demo $(DEMO_ARGS)
+
+# The same with a torch model and training loop, RemoteOptimizer as the optimizer.
+demo-torch: $(VENV)/.torch-installed
+	$(BIN)/optserver demo --framework torch $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/optim_step.py

@@ -26,9 +26,10 @@ from optserver.errors import (
     LimitExceeded,
     UnprocessableContent,
 )
-from optserver.optim import FLOAT_DTYPES, HyperparameterError, Plan, TensorError, TensorSpec
+from optserver.optim import FLOAT_DTYPES, HyperparameterError, TensorError, TensorSpec
 from optserver.optim.base import magnitude_bound
 from optserver.optim.checks import check_fits
+from optserver.optim.groups import GroupPlan, Rate
 from optserver.optim.kernels import count_nonfinite, scan
 from optserver.push import Push
 
@@ -54,7 +55,7 @@ class Admitted:
     the ``skip`` policy), and the tensors whose gradient or weights are outside the magnitude
     bound of their dtype (see :mod:`optserver.optim.base`)."""
 
-    plan: Plan
+    plan: GroupPlan
     apply: bool
     large: frozenset[str] = field(default_factory=frozenset)
 
@@ -63,6 +64,12 @@ def admit(session: Session, push: Push) -> Admitted:
     """Decide on ``push``; raises a problem, changing nothing, if it cannot be applied."""
     if not push.grads:
         raise InvalidTensor("the push carries no gradients", slug=ProblemSlug.NO_GRADIENTS)
+    if push.partial and session.mode.name == "sync":
+        raise UnprocessableContent(
+            "a partial push (one bucket of a step) needs async or ssp mode: a sync round "
+            "takes one whole push per worker",
+            option="partial",
+        )
     session.mode.admit(push, session.version)
     if push.base_version is not None and push.base_version > session.version:
         raise Conflict(
@@ -85,8 +92,8 @@ def admit(session: Session, push: Push) -> Admitted:
                 tensor=name,
             )
         specs[name] = TensorSpec(param.shape, param_dtype(param.dtype))
-    # The one check of the update's shapes, dtypes and learning rate (the optimizer's own).
-    plan = prepare(session, push.grads, specs, _step_lr(session, push))
+    # The one check of the update's shapes, dtypes and options (the optimizer's own).
+    plan = prepare(session, push.grads, specs, push)
     apply, large = True, set()
     for name, value in push.params.items():
         ok, outside = _finite(session.nonfinite, name, value, param_dtype(value.dtype), "weights")
@@ -101,26 +108,36 @@ def admit(session: Session, push: Push) -> Admitted:
     return Admitted(plan, apply, frozenset(large))
 
 
-def _step_lr(session: Session, push: Push) -> float | None:
-    """This step's learning rate: the push's, else the schedule's (None: the optimizer's own),
-    as the mode scales it (ssp's staleness scaling)."""
-    lr = push.lr
-    if lr is None and session.schedule is not None:
-        lr = session.scheduled_lr()
-    if not session.mode.scales_lr(push):
-        return lr
-    return session.mode.step_lr(push, session.version, session.scheduled_lr() if lr is None else lr)
+def _step_rate(session: Session, push: Push) -> Rate | None:
+    """How ``push`` sets a group's learning rate (None: as given): the push's (or its group
+    override's), else the schedule's from the group's own rate, as the mode scales it (ssp's
+    staleness scaling)."""
+    schedule, version = session.schedule, session.version
+    scales = session.mode.scales_lr(push)
+    if schedule is None and not scales:
+        return None
+
+    def rate(lr: float | None, configured: float) -> float | None:
+        if lr is None and schedule is not None:
+            lr = schedule.lr(configured, version)
+        if not scales:
+            return lr
+        return session.mode.step_lr(push, version, configured if lr is None else lr)
+
+    return rate
 
 
 def prepare(
     session: Session,
     grads: Mapping[str, np.ndarray],
     params: Mapping[str, np.ndarray | TensorSpec],
-    lr: float | None,
-) -> Plan:
-    """The optimizer's check of an update, its errors as problems."""
+    push: Push,
+) -> GroupPlan:
+    """The optimizer's check of an update with ``push``'s options, its errors as problems."""
     try:
-        return session.optimizer.prepare(grads, params, lr=lr)
+        return session.optimizer.prepare(
+            grads, params, lr=push.lr, overrides=push.groups, rate=_step_rate(session, push)
+        )
     except TensorError as exc:
         raise _tensor_problem(exc) from None
     except HyperparameterError as exc:

@@ -5,10 +5,11 @@ Layout of ``--data-dir``:
 - ``wal-NNNNNNNN.log``: the journal (:mod:`optserver.journal`). Each record is one change,
   encoded as a safetensors document whose ``__metadata__["event"]`` says what happened:
   ``created`` (a whole session: id, token digest, options, tensors, state), ``params`` (weights
-  set), ``step`` (a push: its gradients and weights, lr, base_version, worker, idempotency key
-  and how it was answered), ``round`` (a sync round's pushes), ``config`` (options changed),
-  ``deleted``, ``rejected`` (bookkeeping only). A step's record is written before the step is
-  applied and, with the default fsync policy, on disk before it is acknowledged.
+  set), ``step`` (a push: its gradients and weights, lr, per-group options, base_version,
+  worker, idempotency key and how it was answered), ``round`` (a sync round's pushes),
+  ``config`` (options changed), ``deleted``, ``rejected`` (bookkeeping only). A step's record
+  is written before the step is applied and, with the default fsync policy, on disk before it
+  is acknowledged.
 - ``snapshot-NNNNNNNN.safetensors``: every session at the moment segment NNNNNNNN began
   (tensors ``<session>/params/...``, ``<session>/state/...``, ``<session>/memo/...`` and one JSON
   record per session), with a CRC-32 of its data. Written to a temporary file, fsynced and
@@ -291,6 +292,8 @@ class DataDir:
             lr=event.get("lr"),
             base_version=event.get("base_version"),
             worker=event.get("worker"),
+            groups=event.get("groups"),
+            partial=bool(event.get("partial", False)),
         )
 
     # --- the Recorder protocol -------------------------------------------------------------
@@ -339,7 +342,7 @@ class DataDir:
     def _push_event(
         push: Push, key: str | None, answer: Answer, fingerprint: str | None
     ) -> dict[str, Any]:
-        event = {
+        event: dict[str, Any] = {
             "lr": push.lr,
             "base_version": push.base_version,
             "worker": push.worker,
@@ -348,6 +351,10 @@ class DataDir:
         }
         if fingerprint is not None:
             event["fingerprint"] = fingerprint
+        if push.groups is not None:  # only when set: older records read the same
+            event["groups"] = push.groups
+        if push.partial:
+            event["partial"] = True
         return event
 
     def stepped(

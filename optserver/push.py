@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,11 @@ class Push:
     lr: float | None = None
     base_version: int | None = None
     worker: str | None = None
+    #: Hyperparameters for this step only, by parameter group name (torch schedulers' edits).
+    groups: dict[str, dict[str, Any]] | None = None
+    #: A part of the worker's step that a later push of it completes: applied at once, but
+    #: the version does not advance (gradients pushed during backward, bucket by bucket).
+    partial: bool = False
 
     @property
     def elements(self) -> int:

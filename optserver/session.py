@@ -44,8 +44,9 @@ from optserver.config import NonFinitePolicy
 from optserver.errors import InvalidTensor, NonfiniteResult, ProblemError, UnprocessableContent
 from optserver.frozen import Frozen
 from optserver.modes import Mode
-from optserver.optim import Optimizer, OptState, Plan
+from optserver.optim import Optimizer, OptState
 from optserver.optim.errors import NonFiniteStep
+from optserver.optim.groups import GroupPlan, ParamGroup, ParamGroups
 from optserver.optim.schedules import Schedule, create_schedule
 from optserver.push import Outcome, Push, Recorder, RoundMember
 from optserver.replay import ReplayCache
@@ -85,7 +86,7 @@ class Session:
         self,
         *,
         name: str,
-        optimizer: Optimizer[Any, Any],
+        optimizer: ParamGroups | Optimizer[Any, Any],
         schedule: Schedule | None,
         mode: Mode,
         nonfinite: NonFinitePolicy,
@@ -98,7 +99,8 @@ class Session:
         #: Its part of a sharded session (see :mod:`optserver.sharding`), or None.
         self.sharding = sharding
         self.name = name
-        self.optimizer = optimizer
+        #: The optimizer and its parameter groups.
+        self.optimizer = optimizer if isinstance(optimizer, ParamGroups) else ParamGroups(optimizer)
         self.schedule = schedule
         self.mode: Mode = mode
         self.nonfinite: NonFinitePolicy = nonfinite
@@ -153,11 +155,13 @@ class Session:
     def base_lr(self) -> float:
         return float(self.optimizer.hparams.lr)
 
-    def scheduled_lr(self) -> float:
-        """The learning rate the next step will use (without a per-push override)."""
+    def scheduled_lr(self, group: ParamGroup | None = None) -> float:
+        """The learning rate the next step will use (without a per-push override), in
+        ``group`` (None: the base's): the schedule scales each group's own rate."""
+        lr = self.base_lr if group is None else float(group.optimizer.hparams.lr)
         if self.schedule is None:
-            return self.base_lr
-        return self.schedule.lr(self.base_lr, self.version)
+            return lr
+        return self.schedule.lr(lr, self.version)
 
     @property
     def memory_bytes(self) -> int:
@@ -166,9 +170,27 @@ class Session:
         )
 
     def tensor_info(self) -> list[dict[str, Any]]:
+        group_of = self.optimizer.group_of
         return [
-            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype), "step": self.state[n].step}
+            {
+                "name": n, "shape": list(p.shape), "dtype": str(p.dtype),
+                "step": self.state[n].step, "group": group_of(n).name,
+            }
             for n, p in self.params.items()
+        ]  # fmt: skip
+
+    def group_info(self) -> list[dict[str, Any]]:
+        """Each parameter group (``default`` last): its tensors, its options as they are
+        (the base's with its overrides) and the learning rate its next step will use."""
+        members = self.optimizer.members(self.params)
+        return [
+            {
+                "name": group.name,
+                "params": members[group.name],
+                "optimizer": group.optimizer.config(),
+                "lr": self.scheduled_lr(group),
+            }
+            for group in (*self.optimizer.groups, self.optimizer.default)
         ]
 
     def nonfinite_tensors(self) -> list[str]:
@@ -190,6 +212,7 @@ class Session:
                 "nonfinite": self.nonfinite,
                 "nonfinite_tensors": self.nonfinite_tensors(),
                 "params": self.tensor_info(),
+                "groups": self.group_info(),
                 "counters": {
                     "steps_applied": self.steps_applied,
                     "pushes_received": self.pushes_received,
@@ -240,8 +263,10 @@ class Session:
                 self._count_rejection(exc.slug, worker)
             raise
 
-    def _applied(self, pushes: list[Push]) -> None:
-        """Bookkeeping of one applied step made of ``pushes`` (one, or a sync round's)."""
+    def _applied(self, pushes: list[Push], *, partial: bool = False) -> None:
+        """Bookkeeping of one applied step made of ``pushes`` (one, or a sync round's);
+        ``partial``: a part of a worker's step that a later push completes (the version
+        counts whole steps)."""
         for push in pushes:
             stats = self.workers.get(push.worker)
             if push.base_version is not None:
@@ -253,10 +278,12 @@ class Session:
                 stats.pushes += 1
                 stats.applied += 1
                 stats.last_base_version = push.base_version
-                stats.last_version = self.version + 1
+                stats.last_version = self.version + (not partial)
+        self.updated_at = time.time()
+        if partial:
+            return
         self.version += 1
         self.steps_applied += 1
-        self.updated_at = time.time()
 
     # --- options and weights ---------------------------------------------------------------
 
@@ -326,7 +353,7 @@ class Session:
                     np.copyto(current, value)
                     state = self.state[name]
                     if reset_state:
-                        state = self.state[name] = self.optimizer.init_tensor(current)
+                        state = self.state[name] = self.optimizer.init_tensor(name, current)
                     state.unchecked = True
                     # The flag is kept exact: only state that had NaN or Inf needs a look.
                     state.nonfinite = nonfinite[name] or (
@@ -343,14 +370,14 @@ class Session:
         with self._lock:
             param = self.params[name]
             state = self.state[name] = self.optimizer.restore_tensor(
-                param, step=step, arrays=arrays
+                name, param, step=step, arrays=arrays
             )
             state.nonfinite = state.holds_nonfinite(param)
 
     def _register(self, name: str, value: np.ndarray) -> None:
         param = np.array(value, dtype=param_dtype(value.dtype), order="C", copy=True)
         self.params[name] = param
-        self.state[name] = self.optimizer.init_tensor(param)
+        self.state[name] = self.optimizer.init_tensor(name, param)
 
     # --- pushes ----------------------------------------------------------------------------
 
@@ -393,7 +420,7 @@ class Session:
                 if apply:
                     apply = self._update(admitted.plan, push.params, admitted.large)
             if apply:
-                self._applied([push])
+                self._applied([push], partial=push.partial)
             else:
                 self._count_rejection(
                     SKIPPED if not admitted.apply else ProblemSlug.NONFINITE_RESULT, push.worker
@@ -448,13 +475,13 @@ class Session:
         answered with ``applied: false``); if every member is left out, nothing is applied."""
         with self._lock:
             self.pushes_received += len(members)
-            lr: float | None = None
+            first: Push | None = None
             finite: list[bool] = []
             large: set[str] = set()
             with self._counting([m.push.worker for m in members]):
                 for member in members:
                     admitted = admit(self, member.push)
-                    lr = admitted.plan.lr if lr is None else lr
+                    first = member.push if first is None else first
                     finite.append(admitted.apply)
                     large |= admitted.large
                 ticket = None
@@ -467,7 +494,9 @@ class Session:
             if contributing:
                 with self._counting([m.push.worker for m in contributing]):
                     mean = _mean(contributing, self.params)
-                    stepped = self._update(prepare(self, mean, self.params, lr), {}, large)
+                    assert first is not None  # a round has members
+                    # The round steps with the first member's options (its lr, its groups').
+                    stepped = self._update(prepare(self, mean, self.params, first), {}, large)
                 if stepped:
                     self._applied([m.push for m in contributing])
                 else:
@@ -479,11 +508,12 @@ class Session:
                 for m, applied in zip(members, finite, strict=True)
             ]
 
-    def _update(self, plan: Plan, pushed: Mapping[str, np.ndarray], large: Collection[str]) -> bool:
+    def _update(
+        self, plan: GroupPlan, pushed: Mapping[str, np.ndarray], large: Collection[str]
+    ) -> bool:
         """Set the pushed weights and step by ``plan`` (checked by admission); under ``reject``
         and ``skip`` a step that would leave NaN or Inf anywhere is undone whole: False under
         ``skip``, 422 under ``reject``."""
-        grads, lr = plan.grads, plan.lr
         finite = self.nonfinite != "allow"
         registered = [n for n in pushed if n not in self.params]
         saved: dict[str, np.ndarray] = {}  # the weights a refusal restores
@@ -493,9 +523,7 @@ class Session:
             and pushed
             and (
                 registered
-                or self.optimizer.guarded(
-                    grads, self.state, {**self.params, **pushed}, lr=lr, large=large
-                )
+                or self.optimizer.guarded(plan, self.state, {**self.params, **pushed}, large=large)
             )
         ):
             saved = {n: self.params[n].copy() for n in pushed if n in self.params}

@@ -40,8 +40,7 @@ from optserver.config import NonFinitePolicy
 from optserver.errors import BadRequest, InvalidTensor, UnprocessableContent, invalid_fields
 from optserver.frozen import Frozen
 from optserver.modes import Mode
-from optserver.optim import OptimError
-from optserver.optim import create as create_optimizer
+from optserver.optim import OptimError, ParamGroups
 from optserver.optim.schedules import create_schedule
 from optserver.replay import Remembered
 from optserver.replies import Returns
@@ -238,7 +237,7 @@ def restore_session(
             )
     session = Session(
         name=name if name is not None else record.name,
-        optimizer=hyper(lambda: create_optimizer(record.optimizer)),
+        optimizer=hyper(lambda: ParamGroups.create(record.optimizer)),
         schedule=hyper(lambda: create_schedule(record.schedule)),
         mode=record.mode,
         nonfinite=record.nonfinite,

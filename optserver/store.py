@@ -34,7 +34,7 @@ from optserver.errors import (
     Unauthorized,
 )
 from optserver.modes import AsyncMode, Mode
-from optserver.optim import create
+from optserver.optim import ParamGroups
 from optserver.optim.schedules import create_schedule
 from optserver.push import Outcome, Push, Recorder, RoundMember
 from optserver.session import KEEP, Session, SessionLimits
@@ -166,7 +166,7 @@ class SessionStore:
         for (its hyperparameters must be finite in it). ``sharding``: its part of a sharded
         session."""
         token, digest = self.new_token(token)
-        built = hyper(partial(create, optimizer))
+        built = hyper(partial(ParamGroups.create, optimizer))
         if dtype is not None:
             hyper(partial(built.check_dtype, param_dtype(dtype)))
         session = Session(

@@ -110,8 +110,8 @@ def test_session_lifecycle(server: LiveServer) -> None:
     assert s["version"] == 0 and s["name"] == "mlp" and s["token"]
     assert s["optimizer"]["amsgrad"] is True and s["optimizer"]["betas"] == [0.9, 0.999]
     assert s["params"] == [
-        {"name": "w", "shape": [2, 2], "dtype": "float32", "step": 0},
-        {"name": "b", "shape": [], "dtype": "float32", "step": 0},
+        {"name": "w", "shape": [2, 2], "dtype": "float32", "step": 0, "group": "default"},
+        {"name": "b", "shape": [], "dtype": "float32", "step": 0, "group": "default"},
     ]
     base = f"{server.url}/v1/sessions/{s['id']}"
     info = httpx.get(base, headers=auth(s["token"])).json()

@@ -196,7 +196,9 @@ def test_safetensors_end_to_end() -> None:
         assert r.status_code == 200, r.text
         assert r.json() == {
             "version": 0,
-            "params": [{"name": "w", "shape": [2, 2], "dtype": "float64", "step": 0}],
+            "params": [
+                {"name": "w", "shape": [2, 2], "dtype": "float64", "step": 0, "group": "default"}
+            ],
         }
         g = np.array([[0.5, 1.0], [-2.0, 0.25]], dtype=np.float64)
         r = await step_st(client, s, {"w": g})

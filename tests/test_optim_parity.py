@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from optserver.optim import OPTIMIZERS, SGD, HyperparameterError, Optimizer, OptState, create
+from optserver.optim import (
+    OPTIMIZERS,
+    SGD,
+    HyperparameterError,
+    Optimizer,
+    OptState,
+    ParamGroups,
+    create,
+)
 from optserver.optim.sgd import SGDHyperparams
 from tests import test_optim_core as core
 from tests.reference import torch_optim as ref
@@ -39,14 +47,18 @@ def ref_inputs() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 def run_ours(case: dict[str, Any], dtype: str) -> tuple[dict[int, dict[str, np.ndarray]], OptState]:
     params0, grads = ref_inputs()
     params = {n: p.astype(dtype) for n, p in params0.items()}
-    opt = create({"name": case["optimizer"], **case["options"]})
+    groups = [{"name": str(i), **g} for i, g in enumerate(case.get("groups", ()))]
+    opt = ParamGroups.create({"name": case["optimizer"], **case["options"], "groups": groups})
     state = opt.init(params)
     checkpoints = {}
     for step in range(1, ref.STEPS + 1):
         batch = {
             n: np.asarray(grads[n][step - 1], dtype=dtype) for n in params if ref.has_grad(n, step)
         }
-        opt.update(batch, state, params, lr=ref.learning_rate(case, step))
+        opt.update(
+            batch, state, params, lr=ref.learning_rate(case, step),
+            overrides=ref.group_options(case, step),
+        )  # fmt: skip
         if step in ref.CHECKPOINTS:
             checkpoints[step] = {n: p.copy() for n, p in params.items()}
     return checkpoints, state
@@ -210,7 +222,9 @@ def test_matches_stored_torch_vectors(index: int, dtype: str) -> None:
     assert_matches(run_ours(CASES[index], dtype), stored(index, dtype), dtype)
 
 
-LIVE = [CASES[i] for i in range(0, len(CASES), 5)] + [c for c in CASES if c["vary_lr"]]
+LIVE = [CASES[i] for i in range(0, len(CASES), 5)] + [
+    c for c in CASES if c["vary_lr"] or "groups" in c
+]
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -34,6 +34,7 @@ from optserver_client._protocol import (
     BodyReader,
     Call,
     ClientCore,
+    GroupOptions,
     PushRetries,
     Reply,
     SessionCore,
@@ -383,21 +384,25 @@ class AsyncSession:
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
         return_: Literal["stepped", "all"] = "stepped",
         key: str | None = None,
+        partial: bool = False,
     ) -> dict[str, Array]:
         """See :meth:`optserver_client.Session.step`."""
         call = self._core.step(
             grads,
             lr=lr,
+            groups=groups,
             params=params,
             base_version=base_version,
             worker=worker,
             return_=return_,
             key=key,
+            partial=partial,
         )
         return await self._client._request(call)
 
@@ -408,6 +413,7 @@ class AsyncSession:
         *,
         worker: str | None = None,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         retries: int = 5,
         patience: float = 0.0,
     ) -> dict[str, Array]:
@@ -431,7 +437,7 @@ class AsyncSession:
         while True:
             try:
                 return await self.step(
-                    grads, base_version=push.base_version, worker=worker, lr=lr,
+                    grads, base_version=push.base_version, worker=worker, lr=lr, groups=groups,
                     return_="all", key=push.key,
                 )  # fmt: skip
             except OptserverError as error:
@@ -447,6 +453,7 @@ class AsyncSession:
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
@@ -456,6 +463,7 @@ class AsyncSession:
         call = self._core.step(
             grads,
             lr=lr,
+            groups=groups,
             params=params,
             base_version=base_version,
             worker=worker,
@@ -574,17 +582,19 @@ class AsyncShardedSession(AsyncSession):
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
         return_: Literal["stepped", "all"] = "stepped",
         key: str | None = None,
+        partial: bool = False,
     ) -> dict[str, Array]:
         """See :meth:`optserver_client.ShardedSession.step`."""
         return await self._run(
             lambda core: core.step(
-                grads, lr=lr, params=params, base_version=base_version, worker=worker,
-                return_=return_, key=key,
+                grads, lr=lr, groups=groups, params=params, base_version=base_version,
+                worker=worker, return_=return_, key=key, partial=partial,
             )
         )  # fmt: skip
 
@@ -593,6 +603,7 @@ class AsyncShardedSession(AsyncSession):
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
@@ -600,8 +611,8 @@ class AsyncShardedSession(AsyncSession):
     ) -> int:
         await self._run(
             lambda core: core.step(
-                grads, lr=lr, params=params, base_version=base_version, worker=worker,
-                return_="none", key=key,
+                grads, lr=lr, groups=groups, params=params, base_version=base_version,
+                worker=worker, return_="none", key=key,
             )
         )  # fmt: skip
         return self.version

@@ -19,6 +19,7 @@ from optserver_client._protocol import (
     BodyReader,
     Call,
     ClientCore,
+    GroupOptions,
     PushRetries,
     Reply,
     SessionCore,
@@ -406,28 +407,35 @@ class Session:
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
         return_: Literal["stepped", "all"] = "stepped",
         key: str | None = None,
+        partial: bool = False,
     ) -> dict[str, Array]:
         """Push gradients, apply one optimizer step, and return the new weights.
 
         ``params`` are the current weights (optimizer-as-a-service style), ``lr`` overrides the
-        learning rate for this step only, ``base_version`` is the version the gradients were
-        computed on (ssp mode; StaleGradientError when too old). Retries never apply it twice:
+        learning rate for this step only, ``groups`` any hyperparameter of a parameter group
+        for this step only (``{"head": {"lr": 0.01, "betas": (0.9, 0.99)}}``), ``base_version``
+        is the version the gradients were computed on (ssp mode; StaleGradientError when too
+        old), ``partial`` marks a part of a step that a later push completes (gradients pushed
+        bucket by bucket: the version advances with the last). Retries never apply it twice:
         they carry the push's Idempotency-Key, ``key`` (default: a new one), which a later
         push of the same gradients may carry again, to the same effect.
         """
         call = self._core.step(
             grads,
             lr=lr,
+            groups=groups,
             params=params,
             base_version=base_version,
             worker=worker,
             return_=return_,
             key=key,
+            partial=partial,
         )
         return self._client._request(call)
 
@@ -438,6 +446,7 @@ class Session:
         *,
         worker: str | None = None,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         retries: int = 5,
         patience: float = 0.0,
     ) -> dict[str, Array]:
@@ -459,7 +468,7 @@ class Session:
         while True:
             try:
                 return self.step(
-                    grads, base_version=push.base_version, worker=worker, lr=lr,
+                    grads, base_version=push.base_version, worker=worker, lr=lr, groups=groups,
                     return_="all", key=push.key,
                 )  # fmt: skip
             except OptserverError as error:
@@ -475,6 +484,7 @@ class Session:
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
@@ -484,6 +494,7 @@ class Session:
         call = self._core.step(
             grads,
             lr=lr,
+            groups=groups,
             params=params,
             base_version=base_version,
             worker=worker,
@@ -595,16 +606,18 @@ class ShardedSession(Session):
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
         return_: Literal["stepped", "all"] = "stepped",
         key: str | None = None,
+        partial: bool = False,
     ) -> dict[str, Array]:
         return self._run(
             self._sharded.step(
-                grads, lr=lr, params=params, base_version=base_version, worker=worker,
-                return_=return_, key=key,
+                grads, lr=lr, groups=groups, params=params, base_version=base_version,
+                worker=worker, return_=return_, key=key, partial=partial,
             )
         )  # fmt: skip
 
@@ -613,6 +626,7 @@ class ShardedSession(Session):
         grads: Tensors,
         *,
         lr: float | None = None,
+        groups: GroupOptions | None = None,
         params: Tensors | None = None,
         base_version: int | None = None,
         worker: str | None = None,
@@ -620,8 +634,8 @@ class ShardedSession(Session):
     ) -> int:
         self._run(
             self._sharded.step(
-                grads, lr=lr, params=params, base_version=base_version, worker=worker,
-                return_="none", key=key,
+                grads, lr=lr, groups=groups, params=params, base_version=base_version,
+                worker=worker, return_="none", key=key,
             )
         )  # fmt: skip
         return self.version

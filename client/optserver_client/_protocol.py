@@ -50,10 +50,12 @@ from optserver_client.vocabulary import (
     APPLIED_KEY,
     BASE_VERSION_KEY,
     BINARY,
+    GROUPS_KEY,
     IDEMPOTENCY_KEY_HEADER,
     JSON,
     LR_KEY,
     PARAMS_PREFIX,
+    PARTIAL_KEY,
     RETURN_MODES,
     VERSION_HEADER,
     VERSION_KEY,
@@ -79,6 +81,8 @@ _F16 = np.dtype("<f2")
 _F32 = np.dtype("<f4")
 
 Tensors: TypeAlias = Mapping[str, TensorLike]
+#: Hyperparameters for one step, by parameter group name: ``{"head": {"lr": 0.01}}``.
+GroupOptions: TypeAlias = Mapping[str, Mapping[str, Any]]
 #: See ``_wire.SinkFactory``: a response's status, media type and size -> a sink or None.
 SinkFactory: TypeAlias = Callable[[int, str, int], DocumentSink | None]
 
@@ -375,15 +379,18 @@ class SessionCore:
         grads: Tensors,
         *,
         lr: float | None,
+        groups: GroupOptions | None,
         params: Tensors | None,
         base_version: int | None,
         worker: str | None,
         return_: ReturnMode,
         key: str | None = None,
         into: Mapping[str, Array] | None = None,
+        partial: bool = False,
     ) -> Call[dict[str, Array]]:
         """POST .../step; the result is the returned weights (empty for return="none").
-        ``key``: its Idempotency-Key (default: a new one); ``into``: see :attr:`Call.into`."""
+        ``key``: its Idempotency-Key (default: a new one); ``into``: see :attr:`Call.into`;
+        ``partial``: a part of a step that a later push completes (the version stays)."""
         if return_ not in RETURN_MODES:
             modes = ", ".join(repr(mode) for mode in RETURN_MODES)
             raise ValueError(f"return_ must be one of {modes}, not {return_!r}")
@@ -406,6 +413,10 @@ class SessionCore:
             tensors = dict(grad_arrays)
             tensors.update({PARAMS_PREFIX + n: a for n, a in param_arrays.items()})
             metadata = {k: repr(v) if isinstance(v, float) else str(v) for k, v in scalars.items()}
+            if groups:
+                metadata[GROUPS_KEY] = bytes(encode_json(_group_options(groups))).decode()
+            if partial:
+                metadata[PARTIAL_KEY] = "true"
             # Pieces, not one joined document: the arrays' own bytes are sent (scatter-gather).
             content: Buffer | tuple[Buffer, ...] = encode_parts(tensors, metadata)
             content_type = BINARY
@@ -414,6 +425,10 @@ class SessionCore:
             if param_arrays:
                 body["params"] = _json_tensors(param_arrays)
             body.update(scalars)
+            if groups:
+                body[GROUPS_KEY] = _group_options(groups)
+            if partial:
+                body[PARTIAL_KEY] = True
             content, content_type = encode_json(body), JSON
         # A push without weights to return is acknowledged in JSON whatever the mode: it is tiny.
         accept = BINARY if self.client.binary and return_ != "none" else JSON
@@ -702,3 +717,20 @@ class PushRetries:
 
 #: Between two pushes of the same gradients while a server is out.
 OUTAGE_PAUSE_S = 0.5
+
+
+def _group_options(groups: GroupOptions) -> dict[str, dict[str, Any]]:
+    """Per-group step options as JSON-ready values (tuples as lists, numpy scalars as
+    Python numbers): what torch's ``param_groups`` hold."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, np.generic):
+            return value.item()
+        return value
+
+    return {
+        str(name): {str(k): plain(v) for k, v in options.items()}
+        for name, options in groups.items()
+    }

@@ -27,6 +27,7 @@ from optserver_client._protocol import (
     Call,
     ClientCore,
     CreatePlan,
+    GroupOptions,
     SessionCore,
     Tensors,
     Unset,
@@ -220,6 +221,21 @@ def _tensor_list(layout: Layout, infos: Iterable[Mapping[str, Any]]) -> list[dic
     return [whole[name] for name in sorted(whole)]
 
 
+def _group_list(layout: Layout, infos: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The parameter groups of the shards' descriptions, each with the logical tensors of all
+    shards (a cut tensor once, by its name)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        for entry in info.get("groups") or ():
+            group = groups.setdefault(str(entry.get("name")), {**entry, "params": []})
+            for remote in entry.get("params") or ():
+                owner = layout.owner(str(remote))
+                tensor = str(remote) if owner is None else owner[0]
+                if tensor not in group["params"]:
+                    group["params"].append(tensor)
+    return list(groups.values())
+
+
 class ShardedCore:
     """The calls of one sharded session, and what the client knows of it: the layout, each
     shard's :class:`SessionCore` (with that shard's version), and the non-finite policy (the
@@ -268,11 +284,13 @@ class ShardedCore:
         grads: Tensors,
         *,
         lr: float | None,
+        groups: GroupOptions | None,
         params: Tensors | None,
         base_version: int | None,
         worker: str | None,
         return_: ReturnMode,
         key: str | None,
+        partial: bool = False,
     ) -> Fanout[dict[str, Array]]:
         """One push: each shard gets its pieces of the gradients (and weights), under one
         Idempotency-Key, so that pushing again with that key applies nothing twice anywhere.
@@ -305,8 +323,9 @@ class ShardedCore:
         )
         calls: dict[int, Call[Any]] = {
             i: self.cores[i].step(
-                grad_parts[i], lr=lr, params=param_parts.get(i), base_version=base_version,
-                worker=worker, return_=return_, key=key, into=into.get(i),
+                grad_parts[i], lr=lr, groups=groups, params=param_parts.get(i),
+                base_version=base_version, worker=worker, return_=return_, key=key,
+                into=into.get(i), partial=partial,
             )
             for i in shards
         }  # fmt: skip
@@ -434,6 +453,7 @@ class ShardedCore:
             "version": self.version,
             "versions": list(self.versions),
             "params": _tensor_list(self.layout, infos.values()),
+            "groups": _group_list(self.layout, infos.values()),
             "sharding": sharding,
             "shards": [infos[i] for i in sorted(infos)],
         }

@@ -18,10 +18,12 @@ __all__ = [
     "BASE_VERSION_KEY",
     "BINARY",
     "CHUNK_SEPARATOR",
+    "GROUPS_KEY",
     "IDEMPOTENCY_KEY_HEADER",
     "JSON",
     "LR_KEY",
     "PARAMS_PREFIX",
+    "PARTIAL_KEY",
     "PROBLEM",
     "PROBLEM_TYPE_BASE",
     "REPLAYED_HEADER",
@@ -64,6 +66,11 @@ PARAMS_PREFIX = "params/"
 LR_KEY = "lr"
 BASE_VERSION_KEY = "base_version"
 WORKER_KEY = "worker"
+#: Hyperparameters for this step only, by parameter group name: JSON text of an object of
+#: objects, e.g. ``{"head": {"lr": 0.01}}`` (the JSON body's ``groups`` member).
+GROUPS_KEY = "groups"
+#: ``"true"``: a part of a step that a later push completes (the version does not advance).
+PARTIAL_KEY = "partial"
 #: ``__metadata__`` keys of a weights answer (a JSON answer has members of these names).
 VERSION_KEY = "version"
 #: Of a step's answer: whether the push was applied (``"true"``/``"false"``).

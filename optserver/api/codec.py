@@ -8,10 +8,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 from optserver_client.vocabulary import (
     BASE_VERSION_KEY,
+    GROUPS_KEY,
     LR_KEY,
     PARAMS_PREFIX,
+    PARTIAL_KEY,
     WORKER_KEY,
     ProblemSlug,
 )
@@ -118,6 +121,8 @@ def decode_push(body: Buffer, fmt: Format, session: Session, settings: Settings)
             lr=_metadata_number(metadata, LR_KEY, float),
             base_version=_metadata_number(metadata, BASE_VERSION_KEY, int),
             worker=worker,
+            groups=_metadata_groups(metadata.get(GROUPS_KEY)),
+            partial=_metadata_flag(metadata, PARTIAL_KEY),
         )
     request = parse_json(StepRequest, body)
     if request.lr is not None and not math.isfinite(request.lr):
@@ -129,7 +134,46 @@ def decode_push(body: Buffer, fmt: Format, session: Session, settings: Settings)
         lr=request.lr,
         base_version=request.base_version,
         worker=_worker(request.worker, "worker"),
+        groups=_groups(request.groups, "groups"),
+        partial=request.partial,
     )
+
+
+def _metadata_flag(metadata: Mapping[str, str], key: str) -> bool:
+    raw = metadata.get(key, "")
+    if raw not in ("", "true", "false"):
+        raise UnprocessableContent(
+            f"__metadata__ {key!r} must be 'true' or 'false', got {raw!r}", option=key
+        )
+    return raw == "true"
+
+
+def _metadata_groups(raw: str | None) -> dict[str, dict[str, Any]] | None:
+    """The ``groups`` of a safetensors step: JSON text (parsed, never evaluated)."""
+    if raw is None or raw == "":
+        return None
+    where = f"__metadata__ {GROUPS_KEY!r}"
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise UnprocessableContent(
+            f"{where} must be JSON text of an object, got invalid JSON: {exc}", option=GROUPS_KEY
+        ) from None
+    return _groups(value, where)
+
+
+def _groups(value: object, where: str) -> dict[str, dict[str, Any]] | None:
+    """Per-group options of a step: an object of objects (their values are checked by the
+    optimizer, as any hyperparameter)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise UnprocessableContent(
+            f"{where} must be an object of objects by group name, e.g. "
+            f'{{"head": {{"lr": 0.01}}}}, got {value!r:.200}',
+            option=GROUPS_KEY,
+        )
+    return value or None
 
 
 def _worker(worker: str | None, where: str) -> str | None:

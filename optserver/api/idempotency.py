@@ -1,8 +1,9 @@
 """The fingerprint that binds an ``Idempotency-Key`` to the request that first carried it.
 
 It covers everything that changes what a push does: the body (gradients, weights, ``lr``,
-``base_version``, ``worker``), its media type, and the ``return`` option. ``Accept`` is left
-out on purpose: a retry may ask for the same answer in another encoding, and gets it.
+``groups``, ``base_version``, ``worker``), its media type, and the ``return`` option.
+``Accept`` is left out on purpose: a retry may ask for the same answer in another encoding,
+and gets it.
 
 The body's digest is SHA-256 over its first 64 KiB (a safetensors header, or all of a small
 JSON body), its length, its last few bytes, and a position-weighted sum of all its 64-bit

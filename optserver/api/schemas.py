@@ -69,7 +69,9 @@ OptimizerConfig = Annotated[
     str | dict[str, Any],
     Field(
         description="An optimizer name ('sgd', 'adagrad', 'rmsprop', 'adam', 'adamw') or "
-        "{'name': ..., torch.optim hyperparameters...}.",
+        "{'name': ..., torch.optim hyperparameters..., 'groups': [...]}; each group names its "
+        "tensors ('params': names, 'match': glob patterns) and overrides hyperparameters, as "
+        "torch's param_groups.",
         examples=["adam", {"name": "sgd", "lr": 0.1, "momentum": 0.9}],
     ),
 ]
@@ -117,8 +119,10 @@ class CreateSessionRequest(_Body):
 
 class PatchSessionRequest(_Body):
     optimizer: dict[str, Any] | None = Field(
-        None, description="Hyperparameters to change, e.g. {'lr': 0.01}."
-    )
+        None, description="Hyperparameters to change, e.g. {'lr': 0.01}; 'groups' replaces "
+        "the parameter groups (a list) or changes some (an object by group name, merged as "
+        "RFC 7396: {'groups': {'head': {'lr': 0.01}}}; null removes an override or a group).",
+    )  # fmt: skip
     schedule: ScheduleConfig = Field(None, description="A new schedule; null removes it.")
     mode: Mode | None = None
     nonfinite: NonFinitePolicy | None = None
@@ -137,6 +141,12 @@ class StepRequest(_Body):
         None, description="Current weights the step applies to (registers unknown tensors)."
     )
     lr: float | None = Field(None, description="Learning rate for this step only.")
+    groups: dict[str, dict[str, Any]] | None = Field(
+        None, description="Hyperparameters for this step only, by parameter group name "
+        "('default': tensors in no group), e.g. {'head': {'lr': 0.01, 'betas': [0.95, 0.999]}}: "
+        "the step runs as if the group were configured with them (a schedule scales such an "
+        "'lr' as the configured one); a group's 'lr' here wins over the step's 'lr'.",
+    )  # fmt: skip
     base_version: int | None = Field(
         None, ge=0, description="The version the gradient was computed on."
     )
@@ -144,6 +154,11 @@ class StepRequest(_Body):
     dtype: DType | None = Field(
         None, description="dtype of new tensors registered by params (default float32)."
     )
+    partial: bool = Field(
+        False, description="A part of the worker's step that a later push completes (buckets "
+        "pushed during backward): applied at once, without advancing the version. Async and "
+        "ssp modes only.",
+    )  # fmt: skip
 
 
 class _Out(BaseModel):
@@ -158,6 +173,16 @@ class TensorInfo(_Out):
     shape: list[int]
     dtype: str
     step: int = Field(description="Optimizer steps this tensor has taken.")
+    group: str = Field(description="The parameter group it is in ('default': none).")
+
+
+class GroupInfo(_Out):
+    name: str = Field(description="The group's name; 'default' holds the tensors in no group.")
+    params: list[str] = Field(description="The tensors in the group now.")
+    optimizer: dict[str, Any] = Field(
+        description="The group's hyperparameters: the base's with the group's overrides."
+    )
+    lr: float = Field(description="The learning rate the group's next step will use.")
 
 
 class Staleness(_Out):
@@ -206,6 +231,9 @@ class SessionInfo(_Out):
         "`allow` policy puts them there; `PUT params?reset_state=true` clears the state).",
     )
     params: list[TensorInfo]
+    groups: list[GroupInfo] = Field(
+        description="The parameter groups, in order, then 'default' (see the optimizer's 'groups')."
+    )
     counters: Counters
     workers: dict[str, WorkerInfo] = Field(
         description="Per worker id (the most recently seen ones, bounded)."

@@ -16,11 +16,13 @@ from pydantic import SecretStr
 
 from optserver.config import Settings
 
-__all__ = ["LogFormat", "ModeName", "OptimizerName", "setting_option"]
+__all__ = ["FrameworkName", "LogFormat", "ModeName", "OptimizerName", "setting_option"]
 
 #: The demo's optimizers (every one the server has) and the session modes.
 OptimizerName = Literal["sgd", "adagrad", "rmsprop", "adam", "adamw"]
 ModeName = Literal["async", "sync", "ssp"]
+#: How the demo's workers compute gradients (optserver.demo.run.FRAMEWORKS).
+FrameworkName = Literal["numpy", "torch"]
 LogFormat = Literal["text", "json"]
 
 

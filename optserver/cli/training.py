@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from optserver.cli.errors import CLIError
-from optserver.cli.options import LogFormat, ModeName, OptimizerName
+from optserver.cli.options import FrameworkName, LogFormat, ModeName, OptimizerName
 
 __all__ = ["create_session", "demo", "evaluate", "worker"]
 
@@ -35,6 +35,11 @@ LearningRate = Annotated[
 Workers = Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")]
 Epochs = Annotated[int, typer.Option(min=1, help="Passes over each worker's shard.")]
 Batch = Annotated[int, typer.Option(min=1, max=4096, help="Examples per gradient.")]
+Framework = Annotated[
+    FrameworkName,
+    typer.Option(help="numpy: gradients by hand through the client; torch: a torch model and "
+                 "training loop with optserver_client.torch.RemoteOptimizer (needs torch)."),
+]  # fmt: skip
 AdminKey = Annotated[str | None, typer.Option(help="The server's admin key, if it has one.")]
 #: A server URL, or a sharded session's shards (comma-separated).
 URLS_OPTION = typer.Option(
@@ -64,6 +69,7 @@ def demo(
     shards: Annotated[
         int, typer.Option(min=1, max=16, help="Servers to start and shard the session over.")
     ] = 1,
+    framework: Framework = "numpy",
 ) -> None:
     """Train a small MLP on scikit-learn's digits with several worker processes, and compare
     with the same training in one process. Exits 1 when the result is far below that."""
@@ -73,7 +79,7 @@ def demo(
 
     config = DemoConfig(
         workers=workers, optimizer=optimizer, mode=mode, epochs=epochs, batch=batch, lr=lr,
-        max_staleness=max_staleness,
+        max_staleness=max_staleness, framework=framework,
     )  # fmt: skip
     try:
         summary = run_demo(
@@ -120,6 +126,7 @@ def worker(
             min=0, help="Seconds to keep pushing a step while a server is out (restarting)."
         ),
     ] = 120.0,
+    framework: Framework = "numpy",
 ) -> None:
     """Train on one shard of the demo data, pushing gradients to a session."""
     import socket
@@ -159,6 +166,11 @@ def worker(
         seed=seed if seed is not None else (index + 1 if index is not None else auto_seed()),
         patience=patience,
     )
+    if framework == "torch":
+        from optserver.demo.torch_demo import run_torch_worker
+
+        run_torch_worker(url, session_id, token, plan, printer(log))
+        return
     with Session.attach(url, session_id, token) as remote:
         run_worker(remote, plan, printer(log))
 

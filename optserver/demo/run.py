@@ -25,6 +25,7 @@ from optserver.embedded import embedded_shards
 from optserver.optim import create as create_optimizer
 
 __all__ = [
+    "FRAMEWORKS",
     "DemoConfig",
     "DemoError",
     "baseline",
@@ -39,6 +40,8 @@ __all__ = [
 #: updates add momentum of their own (Mitliagkas et al., 2016, "Asynchrony begets momentum"),
 #: and at 0.03 async SGD with 8 workers, or at 0.1 with 4, diverges to chance.
 DEFAULT_LR = {"sgd": 0.01, "adagrad": 0.05, "rmsprop": 0.003, "adam": 0.01, "adamw": 0.01}
+#: How the workers compute gradients: by hand in numpy, or with torch and RemoteOptimizer.
+FRAMEWORKS = ("numpy", "torch")
 #: The demo warns (and exits 1) when the test accuracy is further than this below the
 #: single-process baseline's.
 WARN_BELOW_BASELINE = 0.1
@@ -61,6 +64,9 @@ class DemoConfig:
     seed: int = 0
     max_staleness: int = 4
     round_timeout: float = 30.0
+    #: "numpy": the workers compute gradients by hand and call the client; "torch": a torch
+    #: model, and a plain torch loop with RemoteOptimizer (optserver.demo.torch_demo).
+    framework: str = "numpy"
 
 
 def optimizer_config(name: str, lr: float | None) -> dict[str, Any]:
@@ -143,6 +149,7 @@ def _spawn_workers(url: str, session: Session, config: DemoConfig) -> list[subpr
             "--token", str(session.token), "--shard", str(k), "--shards", str(config.workers),
             "--epochs", str(config.epochs), "--batch", str(config.batch),
             "--seed", str(config.seed + k + 1), "--worker-id", f"w{k + 1}", "--log", "json",
+            "--framework", config.framework,
         ]  # fmt: skip
         processes.append(
             subprocess.Popen(
@@ -196,27 +203,35 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train with ``config.workers`` processes through a server (``url``, comma-separated
     shards, or ``shards`` servers started here); return the summary."""
+    if config.framework not in FRAMEWORKS:
+        raise ValueError(f"unknown framework {config.framework!r}; use {' or '.join(FRAMEWORKS)}")
     data = load_digits()
     console = Console(stderr=True)
+    optimizer = optimizer_config(config.optimizer, config.lr)
+    mode = mode_config(
+        config.mode, config.workers, max_staleness=config.max_staleness,
+        timeout=config.round_timeout,
+    )  # fmt: skip
     with _server(url, shards) as server_url, Client(server_url, admin_key=admin_key) as client:
-        session = client.create_session(
-            mlp.init_params(config.seed),
-            optimizer_config(config.optimizer, config.lr),
-            mode=mode_config(
-                config.mode, config.workers, max_staleness=config.max_staleness,
-                timeout=config.round_timeout,
-            ),
-            name=f"demo-{config.mode}",
-        )  # fmt: skip
+        if config.framework == "torch":
+            from optserver.demo import torch_demo
+
+            creator = torch_demo.create(client, optimizer, mode, config.seed)
+            session = creator.session
+        else:
+            session = client.create_session(
+                mlp.init_params(config.seed), optimizer, mode=mode, name=f"demo-{config.mode}"
+            )
         start = time.perf_counter()
         processes = _spawn_workers(server_url, session, config)
         progress = _Progress(
             {f"w{k + 1}": {"epochs": config.epochs} for k in range(config.workers)}
         )
         over = f", {len(client.urls)} shards" if len(client.urls) > 1 else ""
+        framework = ", torch" if config.framework == "torch" else ""
         title = (
-            f"{config.workers} workers{over}, {config.optimizer}, {config.mode} mode, "
-            f"{config.epochs} epochs"
+            f"{config.workers} workers{over}{framework}, {config.optimizer}, {config.mode} "
+            f"mode, {config.epochs} epochs"
         )
         # A live table on a terminal; plain lines, one an epoch, for logs and CI.
         view = (
@@ -246,16 +261,24 @@ def run_demo(
         info = session.info()
         session.delete()
         shard_count = len(client.urls)
-    reference = baseline(config, data)
+    if config.framework == "torch":
+        accuracy = torch_demo.evaluate_weights(weights, data)
+        reference = torch_demo.torch_baseline(
+            optimizer, epochs=config.epochs, batch=config.batch, seed=config.seed, data=data
+        )
+    else:
+        accuracy = mlp.accuracy(weights, data.x_test, data.y_test)
+        reference = baseline(config, data)
     staleness = info["counters"]["staleness"]
     return {
         "workers": config.workers,
         "shards": shard_count,
+        "framework": config.framework,
         "mode": config.mode,
-        "optimizer": optimizer_config(config.optimizer, config.lr),
+        "optimizer": optimizer,
         "epochs": config.epochs,
         "steps": info["version"],
-        "test_accuracy": mlp.accuracy(weights, data.x_test, data.y_test),
+        "test_accuracy": accuracy,
         "baseline_accuracy": reference["test_accuracy"],
         "baseline_steps": reference["steps"],
         "baseline_seconds": reference["seconds"],
@@ -327,6 +350,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     """The summary: a table on a terminal, ``key: value`` lines elsewhere (logs, CI)."""
     rows = [
         ("workers / mode", f"{summary['workers']} / {summary['mode']}"),
+        ("framework", summary.get("framework", "numpy")),
         ("optimizer", json.dumps(summary["optimizer"])),
         ("test accuracy", f"{summary['test_accuracy']:.4f}"),
         (

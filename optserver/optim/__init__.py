@@ -18,6 +18,7 @@ from optserver.optim.adam import Adam, AdamHyperparams, AdamState, AdamW, AdamWH
 from optserver.optim.base import Optimizer
 from optserver.optim.checks import FLOAT_DTYPES, Plan, TensorSpec
 from optserver.optim.errors import HyperparameterError, OptimError, TensorError
+from optserver.optim.groups import DEFAULT_GROUP, GroupPlan, ParamGroup, ParamGroups
 from optserver.optim.hparams import Hyperparams
 from optserver.optim.kernels import configure_threads
 from optserver.optim.registry import OPTIMIZERS, create
@@ -40,6 +41,7 @@ from optserver.optim.state import OptState, TensorState
 from optserver.optim.warmup import WarmUpThread, warm_up, warm_up_in_background
 
 __all__ = [
+    "DEFAULT_GROUP",
     "FLOAT_DTYPES",
     "OPTIMIZERS",
     "SCHEDULES",
@@ -56,6 +58,7 @@ __all__ = [
     "ConstantSchedule",
     "CosineSchedule",
     "ExponentialSchedule",
+    "GroupPlan",
     "HyperparameterError",
     "Hyperparams",
     "LinearSchedule",
@@ -63,6 +66,8 @@ __all__ = [
     "OptState",
     "OptimError",
     "Optimizer",
+    "ParamGroup",
+    "ParamGroups",
     "Plan",
     "RMSprop",
     "RMSpropHyperparams",

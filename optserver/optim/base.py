@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import numpy as np
@@ -47,7 +47,7 @@ from optserver.optim.errors import HyperparameterError, NonFiniteStep, TensorErr
 from optserver.optim.hparams import Hyperparams, _coerce, require
 from optserver.optim.state import OptState, TensorState
 
-__all__ = ["Optimizer", "magnitude_bound"]
+__all__ = ["Optimizer", "apply_parts", "magnitude_bound"]
 
 #: An output bound at most this fraction of ``finfo.max`` leaves room for rounding.
 _HEADROOM = 1 / 16
@@ -286,6 +286,12 @@ class Optimizer(ABC, Generic[H, S]):
         gradient is not within :func:`magnitude_bound` (:func:`kernels.scan` tells), NaN and
         Inf included.
         """
+        apply_parts([(self, plan)], state, params, finite=finite, large=large)
+
+    def check_applicable(
+        self, plan: Plan, state: OptState, params: Mapping[str, np.ndarray]
+    ) -> None:
+        """The per-tensor check :meth:`apply` makes before touching anything (see there)."""
         for name in plan.grads:
             param = params.get(name)
             if param is None:
@@ -301,33 +307,6 @@ class Optimizer(ABC, Generic[H, S]):
                 raise TensorError(f"parameter {name!r} has no optimizer state", tensor=name)
             if not isinstance(state[name], self.state_type):
                 raise TensorError(f"state of {name!r} is not {self.name} state", tensor=name)
-        grads = plan.grads
-        rate = self.hparams.lr if plan.lr is None else plan.lr
-        if not finite:
-            for name, grad in grads.items():
-                self._apply(params[name], grad, state[name], rate)  # type: ignore[arg-type]
-            return
-        guarded = self.guarded(grads, state, params, lr=rate, large=large)
-        saved: list[tuple[str, np.ndarray, dict[str, Any]]] = []
-        for name in guarded:  # first: these may fail, and undoing them is all a failure takes
-            saved.append((name, params[name].copy(), state[name].checkpoint()))
-            self._apply(params[name], grads[name], state[name], rate)  # type: ignore[arg-type]
-            if state[name].nonfinite:
-                for undo, weights, checkpoint in saved:
-                    np.copyto(params[undo], weights)
-                    state[undo].rollback(checkpoint)
-                raise NonFiniteStep(
-                    f"the step would leave NaN or Inf in tensor {name!r} (its weights or "
-                    f"{self.name} state): nothing was changed",
-                    tensor=name,
-                )
-        unguarded = set(grads).difference(guarded)
-        for name in grads:
-            if name not in unguarded:
-                continue
-            self._apply(params[name], grads[name], state[name], rate)  # type: ignore[arg-type]
-            # output_bound says this cannot happen; if it did, the bound has a bug.
-            assert not state[name].nonfinite, f"unguarded step of {name!r} was not finite"
 
     def update(
         self,
@@ -356,3 +335,51 @@ class Optimizer(ABC, Generic[H, S]):
         for dtype in dtypes:
             self._check_fits("lr", value, dtype)
         return value
+
+
+def apply_parts(
+    parts: Sequence[tuple[Optimizer[Any, Any], Plan]],
+    state: OptState,
+    params: Mapping[str, np.ndarray],
+    *,
+    finite: bool = False,
+    large: Collection[str] = (),
+) -> None:
+    """:meth:`Optimizer.apply` of several plans as one update: each part's tensors stepped by
+    its optimizer (parameter groups, :mod:`optserver.optim.groups`). With ``finite`` the
+    whole update is undone if any tensor of any part would hold NaN or Inf."""
+    for optimizer, plan in parts:
+        optimizer.check_applicable(plan, state, params)
+    rates = [optimizer.hparams.lr if plan.lr is None else plan.lr for optimizer, plan in parts]
+    if not finite:
+        for (optimizer, plan), rate in zip(parts, rates, strict=True):
+            for name, grad in plan.grads.items():
+                optimizer._apply(params[name], grad, state[name], rate)
+        return
+    guarded = [
+        (optimizer, rate, name, plan.grads[name])
+        for (optimizer, plan), rate in zip(parts, rates, strict=True)
+        for name in optimizer.guarded(plan.grads, state, params, lr=rate, large=large)
+    ]
+    saved: list[tuple[str, np.ndarray, dict[str, Any]]] = []
+    for optimizer, rate, name, grad in guarded:  # first: these may fail, and undoing them is
+        # all a failure takes
+        saved.append((name, params[name].copy(), state[name].checkpoint()))
+        optimizer._apply(params[name], grad, state[name], rate)
+        if state[name].nonfinite:
+            for undo, weights, checkpoint in saved:
+                np.copyto(params[undo], weights)
+                state[undo].rollback(checkpoint)
+            raise NonFiniteStep(
+                f"the step would leave NaN or Inf in tensor {name!r} (its weights or "
+                f"{optimizer.name} state): nothing was changed",
+                tensor=name,
+            )
+    done = {name for _, _, name, _ in guarded}
+    for (optimizer, plan), rate in zip(parts, rates, strict=True):
+        for name, grad in plan.grads.items():
+            if name in done:
+                continue
+            optimizer._apply(params[name], grad, state[name], rate)
+            # output_bound says this cannot happen; if it did, the bound has a bug.
+            assert not state[name].nonfinite, f"unguarded step of {name!r} was not finite"

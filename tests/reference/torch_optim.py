@@ -10,6 +10,11 @@ relative tolerance means something), take STEPS steps of normal random gradients
 seventh step the vector gets no gradient (torch skips it, so its step count falls behind: this
 checks the per-tensor step counts of partial pushes). One case per optimizer also changes the
 learning rate at every step (the per-step ``lr`` override).
+
+Grouped cases put the tensors in torch parameter groups (``bias`` without weight decay,
+``scale`` at three times the rate, ``weight`` in the default group) and, at every step, change
+each group's ``lr`` and its ``momentum`` or ``betas[0]`` (what ``OneCycleLR`` does): the
+per-group options of a push.
 """
 
 from __future__ import annotations
@@ -101,12 +106,52 @@ def cases() -> list[dict[str, Any]]:
     add("rmsprop", {"lr": 1e-3, "momentum": 0.9, "centered": True}, True)
     add("adam", {"lr": 1e-3, "amsgrad": True, "weight_decay": 0.01}, True)
     add("adamw", {"lr": 1e-3, "weight_decay": 0.1}, True)
+    for optimizer, options in (
+        ("sgd", {"lr": 1e-3, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+        ("sgd", {"lr": 1e-3, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+        ("adagrad", {"lr": 1e-2, "lr_decay": 0.01, "weight_decay": 0.01}),
+        ("rmsprop", {"lr": 1e-3, "momentum": 0.5, "centered": True, "weight_decay": 0.01}),
+        ("adam", {"lr": 1e-3, "weight_decay": 0.01, "amsgrad": True}),
+        ("adamw", {"lr": 1e-3, "weight_decay": 0.1}),
+    ):
+        lr = options["lr"]
+        groups = [{"params": ["bias"], "weight_decay": 0.0}, {"params": ["scale"], "lr": 3 * lr}]
+        out.append({"optimizer": optimizer, "options": options, "vary_lr": False, "groups": groups})
+    return out
+
+
+#: The group of tensors no group names (torch: the first of ``param_groups``).
+DEFAULT_GROUP = "default"
+
+
+def group_names(case: Mapping[str, Any]) -> list[str]:
+    """The groups of a grouped case by name, ``default`` first (torch's order here)."""
+    return [DEFAULT_GROUP] + [str(i) for i in range(len(case.get("groups", ())))]
+
+
+def group_options(case: Mapping[str, Any], step: int) -> dict[str, dict[str, Any]]:
+    """What each group of a grouped case changes before 1-based ``step`` (empty otherwise):
+    its rate scaled around its own, and ``momentum`` or ``betas[0]`` cycled."""
+    if "groups" not in case:
+        return {}
+    base = case["options"]
+    out = {}
+    for name, group in zip(group_names(case), [{}, *case["groups"]], strict=True):
+        lr = group.get("lr", base["lr"])
+        options: dict[str, Any] = {"lr": float(lr * (1.0 + 0.5 * np.sin(step / 50.0)))}
+        cycled = float(0.85 + 0.1 * np.cos(step / 30.0))
+        if case["optimizer"] in ("sgd", "rmsprop"):
+            options["momentum"] = cycled
+        elif case["optimizer"] in ("adam", "adamw"):
+            options["betas"] = [cycled, base.get("betas", (0.9, 0.999))[1]]
+        out[name] = options
     return out
 
 
 def case_id(case: Mapping[str, Any]) -> str:
     opts = ",".join(f"{k}={v}" for k, v in sorted(case["options"].items()) if k != "lr")
-    return f"{case['optimizer']}[{opts}]" + ("+vary_lr" if case["vary_lr"] else "")
+    suffix = "+vary_lr" if case["vary_lr"] else ""
+    return f"{case['optimizer']}[{opts}]{suffix}" + ("+groups" if "groups" in case else "")
 
 
 def inputs(seed: int = 20261121) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -147,12 +192,22 @@ def run_torch(
     options = dict(case["options"])
     if "betas" in options:
         options["betas"] = tuple(options["betas"])
-    optimizer = cls(list(tensors.values()), foreach=False, **options)
+    groups = case.get("groups", [])
+    grouped = {n for g in groups for n in g["params"]}
+    param_groups = [{"params": [t for n, t in tensors.items() if n not in grouped]}]
+    for group in groups:
+        extra = {k: v for k, v in group.items() if k != "params"}
+        param_groups.append({"params": [tensors[n] for n in group["params"]], **extra})
+    optimizer = cls(param_groups, foreach=False, **options)
     checkpoints: dict[int, dict[str, np.ndarray]] = {}
     for step in range(1, STEPS + 1):
         lr = learning_rate(case, step)
         if lr is not None:
             optimizer.param_groups[0]["lr"] = lr
+        changes = group_options(case, step)
+        for name, torch_group in zip(group_names(case), optimizer.param_groups, strict=False):
+            for key, value in changes.get(name, {}).items():
+                torch_group[key] = tuple(value) if key == "betas" else value
         for name, tensor in tensors.items():
             g = grads[name][step - 1]
             tensor.grad = torch.tensor(g, dtype=torch_dtype) if has_grad(name, step) else None

@@ -30,10 +30,12 @@ weights into their model.
 
 ``overlap=True`` pushes gradients while backward still runs: each parameter's gradient joins a
 bucket as soon as it is accumulated, and a full bucket (``bucket_bytes``) is pushed at once as
-a part of the step; ``step()`` pushes the rest and waits for the answers. Gradients are then
-sent before ``step()``: whatever changes them after ``backward()`` (``clip_grad_norm_``, a
-``GradScaler``'s unscaling, a second backward for accumulation) has no effect, and is refused
-where it can be seen (a gradient accumulated twice in one step).
+a part of the step; the last gradient pushes the rest, and ``step()`` waits for the answers.
+Gradients are then sent before ``step()``: whatever changes them after ``backward()``
+(``clip_grad_norm_``, a ``GradScaler``'s unscaling, a second backward for accumulation) has no
+effect, and is refused where it can be seen (a gradient accumulated twice in one step). As with
+torch's optimizer step in backward, each parameter takes its new weights as soon as its part's
+answer arrives: from ``backward()`` until ``step()`` returns, do not use the model.
 
 torch is imported when this module is: ``optserver_client`` itself never needs it.
 """
@@ -75,6 +77,9 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "RemoteOptimizer"]
 #: Gradients pushed together while backward runs, at most about this many bytes per push
 #: (DDP's default bucket is 25 MiB; smaller ones start sending sooner on CPU models).
 DEFAULT_BUCKET_BYTES = 4 << 20
+#: The first bucket of a step is at most this large (DDP's is 1 MiB): the first push starts
+#: early in backward.
+FIRST_BUCKET = 1 << 20
 #: Keys of a torch parameter group that are not hyperparameters.
 _GROUP_KEYS = ("params", "param_names")
 _DTYPES = (torch.float32, torch.float64)
@@ -457,7 +462,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             return self._host(self._gradients())
 
         if self.overlap:
-            self._finish_overlapped(recompute)
+            self._finish_overlapped()
             return loss
         grads = self._host(self._gradients())
         if not grads:
@@ -477,7 +482,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "overlap=True pushes a step in parts: it needs an async or ssp session (a sync "
                 "round takes one whole push per worker)"
             )
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="optserver-overlap")
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="optserver-overlap")
         for group in self.param_groups:
             for param in group["params"]:
                 self._hooks.append(param.register_post_accumulate_grad_hook(self._on_grad))
@@ -487,11 +492,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._held: _Bucket | None = None
         self._sent_names: set[str] = set()
         self._pending: list[Future[dict[str, np.ndarray] | None]] = []
+        self._final: Future[dict[str, np.ndarray] | None] | None = None
         self._base_version: int | None = None
+        self._expected = 0
 
     def _on_grad(self, param: torch.Tensor) -> None:
-        """A parameter's gradient is ready: add it to the bucket; push the bucket before it
-        once this one has started (the last one is pushed by ``step()``, completing it)."""
+        """A parameter's gradient is ready: add it to the bucket. A full bucket is pushed (a
+        part of the step) when the next gradient arrives, and the last gradient of the step
+        pushes what remains as the step's completing push; ``step()`` pushes the rest if
+        some parameter got no gradient."""
         tensor_name = self._by_tensor[param]
         with self._lock:
             if tensor_name in self._sent_names:
@@ -500,22 +509,56 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "overlap=True each backward pushes its gradients (call step() after each "
                     "backward, or use overlap=False to accumulate)"
                 )
-            self._sent_names.add(tensor_name)
-            if self._base_version is None:
+            if self._base_version is None:  # the step's first gradient
                 self._base_version = self.session.version
+                self._expected = sum(
+                    p.requires_grad for g in self.param_groups for p in g["params"]
+                )
+            self._sent_names.add(tensor_name)
             if self._held is not None:
                 self._launch(self._held)
                 self._held = None
             self._bucket.names.append(tensor_name)
             self._bucket.nbytes += param.nbytes
-            if self._bucket.nbytes >= self.bucket_bytes:
+            if len(self._sent_names) >= self._expected:
+                self._final = self._launch_final(self._bucket.names)
+                self._bucket = _Bucket()
+                return
+            # The first bucket is small, as DDP's: the first push starts early in backward.
+            limit = self.bucket_bytes if self._pending else min(self.bucket_bytes, FIRST_BUCKET)
+            if self._bucket.nbytes >= limit:
                 self._held, self._bucket = self._bucket, _Bucket()
 
     def _launch(self, bucket: _Bucket) -> None:
         assert self._pool is not None and self._base_version is not None
         grads = self._host(self._grads_of(bucket.names))
         base = self._base_version
-        self._pending.append(self._pool.submit(self._push, grads, base, partial=True))
+
+        def part() -> dict[str, np.ndarray] | None:
+            answer = self._push(grads, base, partial=True)
+            if answer is not None:
+                # As torch's "optimizer step in backward": a parameter whose gradient is
+                # accumulated is read by no later part of backward, and may change now (were
+                # it saved for backward still, autograd would raise, not compute wrongly).
+                self._load_weights(answer)
+            return answer
+
+        self._pending.append(self._pool.submit(part))
+
+    def _launch_final(self, names: list[str]) -> Future[dict[str, np.ndarray] | None]:
+        """The completing push, sent once every part before it is applied (the version
+        advances with it: whoever sees the new version sees the whole step)."""
+        assert self._pool is not None and self._base_version is not None
+        grads = self._host(self._grads_of(names))
+        base, parts = self._base_version, list(self._pending)
+
+        def complete() -> dict[str, np.ndarray] | None:
+            for part in parts:
+                if part.exception() is not None:
+                    return None  # step() raises the part's error
+            return self._push(grads, base)
+
+        return self._pool.submit(complete)
 
     def _grads_of(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The gradients of the parameters ``names`` (each has one: its hook saw it)."""
@@ -526,24 +569,27 @@ class RemoteOptimizer(torch.optim.Optimizer):
             out[tensor_name] = grad
         return out
 
-    def _finish_overlapped(self, recompute: Callable[[], dict[str, np.ndarray] | None]) -> None:
+    def _finish_overlapped(self) -> None:
+        """Wait for the step's pushes (each part's answer is written into its parameters as
+        it comes) and write the completing push's answer into them."""
         with self._lock:
-            rest = [*(self._held.names if self._held else ()), *self._bucket.names]
-            pending, base = self._pending, self._base_version
+            final = self._final
+            if final is None and self._base_version is not None:
+                rest = [*(self._held.names if self._held else ()), *self._bucket.names]
+                final = self._launch_final(rest)
+            pending = self._pending
             self._reset_overlap()
-        answers: list[dict[str, np.ndarray] | None] = []
+        if final is None:
+            return  # no gradient this step
+        dropped = False
         try:
             for future in pending:
-                answers.append(future.result())
+                dropped = future.result() is None or dropped
         finally:
-            if rest:
-                grads = self._host(self._grads_of(rest))
-                assert base is not None
-                answers.append(self._push(grads, base, recompute=None))
-        for answer in answers:
-            if answer is not None:
-                self._load_weights(answer)
-        if any(a is None for a in answers):
+            answer = final.result()
+        if answer is not None:
+            self._load_weights(answer)
+        if dropped or answer is None:
             self._load_weights(self.session.pull())  # a part was dropped as stale: resync
 
     # --- parameter groups ------------------------------------------------------------------------

@@ -340,11 +340,14 @@ def test_overlap_gives_the_same_steps_and_one_version_per_step(server: LiveServe
 
 
 def test_overlap_needs_an_async_or_ssp_session(server: LiveServer) -> None:
-    with pytest.raises(ValueError, match="needs an async or ssp session"):
-        RemoteOptimizer(
-            make_model().parameters(), url=server.url, overlap=True,
-            mode={"name": "sync", "workers": 2, "timeout_s": 5},
-        )  # fmt: skip
+    with Client(server.url) as client:
+        before = {s["id"] for s in client.list_sessions()}
+        with pytest.raises(ValueError, match="needs an async or ssp session"):
+            RemoteOptimizer(
+                make_model().parameters(), client=client, overlap=True,
+                mode={"name": "sync", "workers": 2, "timeout_s": 5},
+            )  # fmt: skip
+        assert {s["id"] for s in client.list_sessions()} == before  # the session it made: gone
 
 
 def test_bad_options_and_dtypes_are_refused_before_training(server: LiveServer) -> None:
@@ -515,3 +518,50 @@ def test_a_sharded_session_steps_as_torch_and_round_trips(shards: list[str]) -> 
                 assert torch.equal(ours, theirs), n
         finally:
             again.close(delete=True)
+
+
+def test_overlap_completes_a_step_whose_parameters_did_not_all_get_a_gradient(
+    server: LiveServer,
+) -> None:
+    """A parameter that requires a gradient but gets none (unused in this forward): the last
+    hook never sees the step complete, so step() sends the completing push."""
+    model = make_model()
+    unused = torch.nn.Linear(3, 3).double()
+    params = [
+        *model.named_parameters(),
+        *(("unused." + n, p) for n, p in unused.named_parameters()),
+    ]
+    opt = RemoteOptimizer(params, url=server.url, optimizer="sgd", lr=0.1, overlap=True,
+                          bucket_bytes=64)  # fmt: skip
+    try:
+        before = unused.weight.detach().clone()
+        for x, y in batches(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert opt.version == 3
+        assert torch.equal(unused.weight, before)
+        steps = {t["name"]: t["step"] for t in opt.session.info()["params"]}
+        assert steps["unused.weight"] == 0 and steps["0.weight"] == 3
+        opt.zero_grad()
+        opt.step()  # no gradient at all: nothing is sent
+        assert opt.version == 3
+    finally:
+        opt.close(delete=True)
+
+
+def test_misuse_is_refused_with_a_message_that_says_what_to_do(server: LiveServer) -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="bucket_bytes must be >= 1"):
+        RemoteOptimizer(model.parameters(), url=server.url, overlap=True, bucket_bytes=0)
+    with pytest.raises(TypeError, match="attach takes the model's parameters"):
+        RemoteOptimizer.attach([{"params": list(model.parameters())}], url=server.url,
+                               session="0" * 32, token="t" * 43)  # fmt: skip
+    embedding = torch.nn.Embedding(10, 4, sparse=True).double()
+    opt = RemoteOptimizer(embedding.named_parameters(), url=server.url, optimizer="sgd")
+    try:
+        embedding(torch.tensor([1, 2])).sum().backward()
+        with pytest.raises(TypeError, match="sparse"):
+            opt.step()
+    finally:
+        opt.close(delete=True)

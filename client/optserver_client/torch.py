@@ -187,7 +187,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._setup_overlap()
             self._built = True
         except BaseException:
-            self.close()
+            self.close(delete=session is None and self._session is not None)  # ours: gone
             raise
 
     # --- construction ------------------------------------------------------------------------
@@ -251,8 +251,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._adopt(self._session.info())
 
     def _attach(self, params: Iterable[Any], session: str, token: str | None) -> None:
-        self._session = self._client.session(session, token)
-        info = self._session.info()
         given: list[tuple[str, torch.Tensor]] = []
         for index, item in enumerate(params):
             if isinstance(item, dict):
@@ -261,6 +259,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     "their groups are the session's"
                 )
             given.append(item if isinstance(item, tuple) else (f"param{index}", item))
+        self._session = self._client.session(session, token)
+        info = self._session.info()
         by_name = dict(given)
         groups: list[dict[str, Any]] = []
         names_seen = set()
@@ -338,7 +338,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             handle.remove()
         self._hooks = []
         if delete and self._session is not None:
-            self._session.delete()
+            with contextlib.suppress(OptserverError):  # gone already
+                self._session.delete()
         if getattr(self, "_owns_client", False):
             self._client.close()
             self._owns_client = False

@@ -250,3 +250,49 @@ def test_groups_and_group_options_survive_the_journal_and_an_export(tmp_path: Pa
 
     run(before, data_dir=tmp_path, fsync="never")
     run(after, data_dir=tmp_path, fsync="never")
+
+
+def test_partial_pushes_advance_the_version_once_and_survive_a_restart(tmp_path: Path) -> None:
+    """Parts of one step (buckets pushed during backward): each applied on arrival, the version
+    advanced by the completing push alone; journaled as such."""
+    seen: dict[str, Any] = {}
+    parts = [{"body.w": GRADS["body.w"]}, {"body.bias": GRADS["body.bias"]}]
+
+    async def before(client: httpx.AsyncClient) -> None:
+        s = await create(client, optimizer=OPTIMIZER, params=WEIGHTS)
+        r = await step(client, s, {"grads": parts[0], "partial": True})
+        assert r.status_code == 200 and r.json()["version"] == 0, r.text
+        metadata = {"partial": "true"}
+        r = await step_st(client, s, {"body.bias": np.array([2.0], np.float32)}, metadata)
+        assert metadata_of(r.content)["version"] == "0"
+        r = await step(client, s, {"grads": {"head.w": GRADS["head.w"]}})
+        assert r.json()["version"] == 1
+        info = (await client.get(f"/v1/sessions/{s['id']}", headers=auth(s["token"]))).json()
+        assert info["counters"]["steps_applied"] == 1 and info["counters"]["pushes_received"] == 3
+        seen.update(session=s, weights=(await pull(client, s))[1])
+
+    async def after(client: httpx.AsyncClient) -> None:
+        s = seen["session"]
+        version, weights = await pull(client, s)
+        assert version == 1
+        assert_weights(weights, expected([{}]))  # as one step of all three
+        for name, value in seen["weights"].items():
+            np.testing.assert_array_equal(weights[name], value)
+
+    run(before, data_dir=tmp_path, fsync="never")
+    run(after, data_dir=tmp_path, fsync="never")
+
+
+def test_a_partial_push_is_refused_in_sync_mode_and_bad_flags_are_problems() -> None:
+    async def scenario(client: httpx.AsyncClient) -> None:
+        mode = {"name": "sync", "workers": 2, "timeout_s": 5}
+        s = await create(client, optimizer=OPTIMIZER, params=WEIGHTS, mode=mode)
+        r = await step(client, s, {"grads": GRADS, "partial": True})
+        assert "needs async or ssp mode" in assert_problem(r, 422, "invalid-request")["detail"]
+        other = await create(client, optimizer=OPTIMIZER, params=WEIGHTS)
+        grads = {n: np.array(v, dtype=np.float32) for n, v in GRADS.items()}
+        r = await step_st(client, other, grads, {"partial": "yes"})
+        assert "'true' or 'false'" in assert_problem(r, 422, "invalid-request")["detail"]
+        assert (await pull(client, other))[0] == 0
+
+    run(scenario)

@@ -105,11 +105,26 @@ def _torch_value(value: Any) -> Any:
 
 
 class _Bucket:
-    """The gradients of one step pushed while backward runs (``overlap=True``)."""
+    """Gradients of one step to push together while backward runs (``overlap=True``)."""
 
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.nbytes = 0
+    def __init__(self, sizes: dict[str, int] | None = None) -> None:
+        #: Bytes by tensor name, in the order the gradients came.
+        self.sizes: dict[str, int] = dict(sizes or {})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sizes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes.values())
+
+    def split(self) -> tuple[_Bucket, _Bucket]:
+        """All but the smallest gradient, and a bucket of that one: a push goes out at once
+        while something is always left for the step's completing push."""
+        keep = min(self.sizes, key=self.sizes.__getitem__)
+        rest = {n: b for n, b in self.sizes.items() if n != keep}
+        return _Bucket(rest), _Bucket({keep: self.sizes[keep]})
 
 
 class RemoteOptimizer(torch.optim.Optimizer):
@@ -490,7 +505,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _reset_overlap(self) -> None:
         self._bucket = _Bucket()
-        self._held: _Bucket | None = None
         self._sent_names: set[str] = set()
         self._pending: list[Future[dict[str, np.ndarray] | None]] = []
         self._final: Future[dict[str, np.ndarray] | None] | None = None
@@ -498,10 +512,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._expected = 0
 
     def _on_grad(self, param: torch.Tensor) -> None:
-        """A parameter's gradient is ready: add it to the bucket. A full bucket is pushed (a
-        part of the step) when the next gradient arrives, and the last gradient of the step
-        pushes what remains as the step's completing push; ``step()`` pushes the rest if
-        some parameter got no gradient."""
+        """A parameter's gradient is ready: add it to the bucket. A full bucket is pushed at
+        once (a part of the step) but for its smallest gradient, which starts the next; the
+        last gradient of the step pushes what remains as the step's completing push, and
+        ``step()`` does if some parameter got no gradient."""
         tensor_name = self._by_tensor[param]
         with self._lock:
             if tensor_name in self._sent_names:
@@ -516,19 +530,16 @@ class RemoteOptimizer(torch.optim.Optimizer):
                     p.requires_grad for g in self.param_groups for p in g["params"]
                 )
             self._sent_names.add(tensor_name)
-            if self._held is not None:
-                self._launch(self._held)
-                self._held = None
-            self._bucket.names.append(tensor_name)
-            self._bucket.nbytes += param.nbytes
+            self._bucket.sizes[tensor_name] = param.nbytes
             if len(self._sent_names) >= self._expected:
                 self._final = self._launch_final(self._bucket.names)
                 self._bucket = _Bucket()
                 return
             # The first bucket is small, as DDP's: the first push starts early in backward.
             limit = self.bucket_bytes if self._pending else min(self.bucket_bytes, FIRST_BUCKET)
-            if self._bucket.nbytes >= limit:
-                self._held, self._bucket = self._bucket, _Bucket()
+            if self._bucket.nbytes >= limit and len(self._bucket.sizes) > 1:
+                full, self._bucket = self._bucket.split()
+                self._launch(full)
 
     def _launch(self, bucket: _Bucket) -> None:
         assert self._pool is not None and self._base_version is not None
@@ -576,8 +587,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         with self._lock:
             final = self._final
             if final is None and self._base_version is not None:
-                rest = [*(self._held.names if self._held else ()), *self._bucket.names]
-                final = self._launch_final(rest)
+                final = self._launch_final(self._bucket.names)
             pending = self._pending
             self._reset_overlap()
         if final is None:

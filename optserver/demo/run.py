@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import queue
 import subprocess
 import sys
@@ -216,7 +217,10 @@ def run_demo(
         if config.framework == "torch":
             from optserver.demo import torch_demo
 
-            creator = torch_demo.create(client, optimizer, mode, config.seed)
+            per_worker = math.ceil(math.ceil(len(data.y_train) / config.workers) / config.batch)
+            rounds = config.epochs * per_worker  # every worker's steps, as the workers take them
+            steps = rounds if config.mode == "sync" else rounds * config.workers
+            creator = torch_demo.create(client, optimizer, mode, config.seed, steps)
             session = creator.session
         else:
             session = client.create_session(

@@ -1,6 +1,8 @@
 """The demo in PyTorch (``optserver demo --framework torch``): the same digits, a torch MLP, and
 workers whose training loop is plain torch with :class:`optserver_client.torch.RemoteOptimizer`
-as its optimizer. The baseline is the same loop in one process with ``torch.optim``.
+as its optimizer, its rate annealed by the session's cosine schedule over every worker's
+steps. The baseline is the same loop in one process with ``torch.optim`` and
+``CosineAnnealingLR``.
 
 torch is imported by this module only: the numpy demo never needs it.
 """
@@ -77,13 +79,15 @@ def _options(optimizer: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def create(
-    client: Client, optimizer: dict[str, Any], mode: dict[str, Any], seed: int
+    client: Client, optimizer: dict[str, Any], mode: dict[str, Any], seed: int, steps: int
 ) -> RemoteOptimizer:
-    """The first optimizer: it creates the session from its model's weights and groups."""
+    """The first optimizer: it creates the session from its model's weights and groups, with
+    the rate annealed to zero over the ``steps`` the session will apply (a server-side
+    schedule: every worker's steps count)."""
     name, options = _options(optimizer)
     return RemoteOptimizer(
         param_groups(make_model(seed)), client=client, optimizer=name, mode=mode,
-        name="demo-torch", **options,
+        schedule={"name": "cosine", "T_max": max(1, steps)}, name="demo-torch", **options,
     )  # fmt: skip
 
 
@@ -97,7 +101,7 @@ def evaluate_weights(weights: dict[str, np.ndarray], data: Digits) -> float:
 def torch_baseline(
     optimizer: dict[str, Any], *, epochs: int, batch: int, seed: int, data: Digits
 ) -> dict[str, Any]:
-    """The same model, groups, optimizer and data in one process with torch.optim."""
+    """The same model, groups, optimizer, schedule and data in one process with torch.optim."""
     start = time.perf_counter()
     torch.set_num_threads(1)
     model = make_model(seed)
@@ -108,6 +112,9 @@ def torch_baseline(
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     rng = np.random.default_rng(seed)
     loss_fn = torch.nn.CrossEntropyLoss()
+    # The session's schedule: the rate annealed to zero over all the steps.
+    total = epochs * math.ceil(len(y) / batch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=total)
     steps = 0
     for _ in range(epochs):
         order = rng.permutation(len(y))
@@ -116,6 +123,7 @@ def torch_baseline(
             reference.zero_grad()
             loss_fn(model(x[chosen]), y[chosen]).backward()
             reference.step()
+            schedule.step()
             steps += 1
     return {
         "test_accuracy": accuracy(model, data.x_test, data.y_test),

@@ -557,6 +557,9 @@ def test_misuse_is_refused_with_a_message_that_says_what_to_do(server: LiveServe
     with pytest.raises(TypeError, match="attach takes the model's parameters"):
         RemoteOptimizer.attach([{"params": list(model.parameters())}], url=server.url,
                                session="0" * 32, token="t" * 43)  # fmt: skip
+    with pytest.raises(TypeError, match=r"has the session's options; got \['lr'\]"):
+        RemoteOptimizer.attach(model.parameters(), url=server.url, session="0" * 32,
+                               token="t" * 43, lr=0.1)  # fmt: skip
     embedding = torch.nn.Embedding(10, 4, sparse=True).double()
     opt = RemoteOptimizer(embedding.named_parameters(), url=server.url, optimizer="sgd")
     try:

@@ -164,6 +164,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
     ) -> None:
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes!r}")
+        if session is not None and options:
+            raise TypeError(
+                f"an attached optimizer has the session's options; got {sorted(options)} (change "
+                "them in param_groups, or for every worker with session.update)"
+            )
         self._client = client if client is not None else Client(url, admin_key=admin_key)
         self._owns_client = client is None
         self.worker = worker

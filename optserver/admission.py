@@ -64,12 +64,6 @@ def admit(session: Session, push: Push) -> Admitted:
     """Decide on ``push``; raises a problem, changing nothing, if it cannot be applied."""
     if not push.grads:
         raise InvalidTensor("the push carries no gradients", slug=ProblemSlug.NO_GRADIENTS)
-    if push.partial and session.mode.name == "sync":
-        raise UnprocessableContent(
-            "a partial push (one bucket of a step) needs async or ssp mode: a sync round "
-            "takes one whole push per worker",
-            option="partial",
-        )
     session.mode.admit(push, session.version)
     if push.base_version is not None and push.base_version > session.version:
         raise Conflict(

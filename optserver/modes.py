@@ -95,6 +95,12 @@ class SyncMode(_Mode):
         return self
 
     def admit(self, push: Push, version: int) -> None:
+        if push.partial:
+            raise UnprocessableContent(
+                "a partial push (one bucket of a step) needs async or ssp mode: a sync round "
+                "takes one whole push per worker",
+                option="partial",
+            )
         if not push.worker:
             raise UnprocessableContent(
                 "sync mode needs the pushing worker's id ('worker'): a round takes one "

@@ -44,7 +44,7 @@ from optserver.config import NonFinitePolicy
 from optserver.errors import InvalidTensor, NonfiniteResult, ProblemError, UnprocessableContent
 from optserver.frozen import Frozen
 from optserver.modes import Mode
-from optserver.optim import Optimizer, OptState
+from optserver.optim import OptState
 from optserver.optim.errors import NonFiniteStep
 from optserver.optim.groups import GroupPlan, ParamGroup, ParamGroups
 from optserver.optim.schedules import Schedule, create_schedule
@@ -86,7 +86,7 @@ class Session:
         self,
         *,
         name: str,
-        optimizer: ParamGroups | Optimizer[Any, Any],
+        optimizer: ParamGroups,
         schedule: Schedule | None,
         mode: Mode,
         nonfinite: NonFinitePolicy,
@@ -100,7 +100,7 @@ class Session:
         self.sharding = sharding
         self.name = name
         #: The optimizer and its parameter groups.
-        self.optimizer = optimizer if isinstance(optimizer, ParamGroups) else ParamGroups(optimizer)
+        self.optimizer = optimizer
         self.schedule = schedule
         self.mode: Mode = mode
         self.nonfinite: NonFinitePolicy = nonfinite

@@ -288,6 +288,10 @@ class Optimizer(ABC, Generic[H, S]):
         """
         apply_parts([(self, plan)], state, params, finite=finite, large=large)
 
+    def rate_of(self, plan: Plan) -> float:
+        """The learning rate ``plan`` steps with: its own, else the configured one."""
+        return float(self.hparams.lr if plan.lr is None else plan.lr)
+
     def check_applicable(
         self, plan: Plan, state: OptState, params: Mapping[str, np.ndarray]
     ) -> None:
@@ -350,7 +354,7 @@ def apply_parts(
     whole update is undone if any tensor of any part would hold NaN or Inf."""
     for optimizer, plan in parts:
         optimizer.check_applicable(plan, state, params)
-    rates = [optimizer.hparams.lr if plan.lr is None else plan.lr for optimizer, plan in parts]
+    rates = [optimizer.rate_of(plan) for optimizer, plan in parts]
     if not finite:
         for (optimizer, plan), rate in zip(parts, rates, strict=True):
             for name, grad in plan.grads.items():
@@ -362,8 +366,8 @@ def apply_parts(
         for name in optimizer.guarded(plan.grads, state, params, lr=rate, large=large)
     ]
     saved: list[tuple[str, np.ndarray, dict[str, Any]]] = []
-    for optimizer, rate, name, grad in guarded:  # first: these may fail, and undoing them is
-        # all a failure takes
+    # First the guarded: these may fail, and undoing them is all a failure takes.
+    for optimizer, rate, name, grad in guarded:
         saved.append((name, params[name].copy(), state[name].checkpoint()))
         optimizer._apply(params[name], grad, state[name], rate)
         if state[name].nonfinite:

@@ -70,6 +70,12 @@ def _bad(message: str, option: str) -> HyperparameterError:
     return HyperparameterError(message, option=option)
 
 
+def _in_group(name: str, exc: HyperparameterError, where: str | None = None) -> HyperparameterError:
+    """``exc``, a group's option refused, naming the group (``where``: the option's path,
+    default ``groups.<name>``)."""
+    return _bad(f"group {name!r}: {exc}", f"{where or f'groups.{name}'}.{exc.option}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ParamGroup:
     """One group: its name, the tensors it names, what it overrides, and its optimizer."""
@@ -138,7 +144,7 @@ def _group(index: int, raw: object, base: Optimizer[Any, Any]) -> ParamGroup:
     try:
         optimizer = base.with_options(overrides)
     except HyperparameterError as exc:
-        raise _bad(f"group {name!r}: {exc}", f"{where}.{exc.option}") from None
+        raise _in_group(name, exc, where) from None
     values = optimizer.hparams.to_dict()
     return ParamGroup(name, params, match, {k: values[k] for k in overrides}, optimizer)
 
@@ -289,23 +295,18 @@ class ParamGroups:
             current[name] = {k: v for k, v in merged.items() if v is not None}
         return list(current.values())
 
-    def optimizers(self) -> list[Optimizer[Any, Any]]:
-        """The base, then each group's optimizer."""
-        return [self.base, *(g.optimizer for g in self.groups)]
-
     def check_dtype(self, dtype: np.dtype[Any]) -> None:
         """Every group's hyperparameters are finite in ``dtype``."""
-        for group in (self.default, *self.groups):
+        self.base.check_dtype(dtype)
+        for group in self.groups:
             try:
                 group.optimizer.check_dtype(dtype)
             except HyperparameterError as exc:
-                if group is self.default:
-                    raise
-                raise _bad(f"group {group.name!r}: {exc}", exc.option or "groups") from None
+                raise _in_group(group.name, exc) from None
 
     def state_arrays(self) -> int:
         """The most parameter-sized state arrays a tensor needs in any group."""
-        return max(o.state_arrays() for o in self.optimizers())
+        return max(g.optimizer.state_arrays() for g in (self.default, *self.groups))
 
     # --- per tensor ------------------------------------------------------------------------
 
@@ -319,19 +320,6 @@ class ParamGroups:
         return optimizer.restore_tensor(param, step=step, arrays=arrays)  # type: ignore[no-any-return]
 
     # --- updates ---------------------------------------------------------------------------
-
-    def step_optimizer(
-        self, group: ParamGroup, overrides: Mapping[str, Any] | None
-    ) -> Optimizer[Any, Any]:
-        """The group's optimizer for one update, configured as if the group had
-        ``overrides`` (validated) too."""
-        if not overrides:
-            return group.optimizer
-        try:
-            return group.optimizer.with_options(overrides)
-        except HyperparameterError as exc:
-            where = f"groups.{group.name}"
-            raise _bad(f"group {group.name!r}: {exc}", f"{where}.{exc.option}") from None
 
     def prepare(
         self,
@@ -359,11 +347,14 @@ class ParamGroups:
                 raise _bad(f"no group is named {name!r}; the groups are {known}", "groups")
             if not isinstance(delta, Mapping):
                 raise _bad(f"groups.{name} must be an object, got {delta!r}", f"groups.{name}")
-            steppers[name] = self.step_optimizer(group, delta)
+            try:  # the group as if configured with these options too
+                steppers[name] = group.optimizer.with_options(delta) if delta else group.optimizer
+            except HyperparameterError as exc:
+                raise _in_group(name, exc) from None
         if self.groups:
             split: dict[str, dict[str, np.ndarray]] = {}
             for tensor, grad in grads.items():
-                if tensor not in params:
+                if tensor not in params:  # before group_of, which remembers what it is asked
                     raise TensorError(f"gradient {tensor!r} names no parameter", tensor=tensor)
                 split.setdefault(self.group_of(tensor).name, {})[tensor] = grad
         else:
@@ -371,17 +362,18 @@ class ParamGroups:
         parts = []
         for name, part in split.items():
             optimizer = steppers.get(name) or self._named[name].optimizer
-            if name in steppers:  # options of this update only: finite in its dtypes too
-                for dtype in {TensorSpec.of(params[t]).dtype for t in part if t in params}:
-                    try:
-                        optimizer.check_dtype(dtype)
-                    except HyperparameterError as exc:
-                        raise _bad(
-                            f"group {name!r}: {exc}", f"groups.{name}.{exc.option}"
-                        ) from None
             chosen = None if "lr" in overrides.get(name, {}) else lr
             final = chosen if rate is None else rate(chosen, float(optimizer.hparams.lr))
-            parts.append((optimizer, optimizer.prepare(part, params, lr=final)))
+            try:
+                plan = optimizer.prepare(part, params, lr=final)
+                if name in steppers:  # options of this update only: finite in its dtypes too
+                    for dtype in {spec.dtype for spec in plan.specs.values()}:
+                        optimizer.check_dtype(dtype)
+            except HyperparameterError as exc:
+                if name not in steppers:
+                    raise
+                raise _in_group(name, exc) from None
+            parts.append((optimizer, plan))
         return GroupPlan(tuple(parts))
 
     def guarded(
@@ -398,10 +390,9 @@ class ParamGroups:
             name
             for optimizer, part in plan.parts
             for name in optimizer.guarded(
-                part.grads, state, params,
-                lr=optimizer.hparams.lr if part.lr is None else part.lr, large=large,
+                part.grads, state, params, lr=optimizer.rate_of(part), large=large
             )
-        ]  # fmt: skip
+        ]
 
     def apply(
         self,

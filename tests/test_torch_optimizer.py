@@ -351,12 +351,15 @@ def test_overlap_needs_an_async_or_ssp_session(server: LiveServer) -> None:
 
 
 def test_bad_options_and_dtypes_are_refused_before_training(server: LiveServer) -> None:
-    with pytest.raises(ValidationError, match="unknown option 'momentum'"):
-        RemoteOptimizer(make_model().parameters(), url=server.url, optimizer="adam", momentum=0.9)
-    with pytest.raises(TypeError, match="float16"):
-        RemoteOptimizer(make_model(dtype=torch.float16).parameters(), url=server.url)
     with Client(server.url) as client:
-        assert client.list_sessions() is not None
+        before = {s["id"] for s in client.list_sessions()}
+        with pytest.raises(ValidationError, match="unknown option 'momentum'"):
+            RemoteOptimizer(
+                make_model().parameters(), client=client, optimizer="adam", momentum=0.9
+            )
+        with pytest.raises(TypeError, match="float16"):
+            RemoteOptimizer(make_model(dtype=torch.float16).parameters(), client=client)
+        assert {s["id"] for s in client.list_sessions()} == before  # no session left behind
 
 
 RESUME = textwrap.dedent(

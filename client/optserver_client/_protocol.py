@@ -414,7 +414,7 @@ class SessionCore:
             tensors.update({PARAMS_PREFIX + n: a for n, a in param_arrays.items()})
             metadata = {k: repr(v) if isinstance(v, float) else str(v) for k, v in scalars.items()}
             if groups:
-                metadata[GROUPS_KEY] = bytes(encode_json(_group_options(groups))).decode()
+                metadata[GROUPS_KEY] = encode_json(_group_options(groups)).decode()
             if partial:
                 metadata[PARTIAL_KEY] = "true"
             # Pieces, not one joined document: the arrays' own bytes are sent (scatter-gather).
@@ -720,17 +720,6 @@ OUTAGE_PAUSE_S = 0.5
 
 
 def _group_options(groups: GroupOptions) -> dict[str, dict[str, Any]]:
-    """Per-group step options as JSON-ready values (tuples as lists, numpy scalars as
-    Python numbers): what torch's ``param_groups`` hold."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        if isinstance(value, np.generic):
-            return value.item()
-        return value
-
-    return {
-        str(name): {str(k): plain(v) for k, v in options.items()}
-        for name, options in groups.items()
-    }
+    """Per-group step options as dicts (encode_json writes tuples as lists and numpy scalars as
+    numbers)."""
+    return {str(name): dict(options) for name, options in groups.items()}

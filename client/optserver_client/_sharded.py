@@ -54,6 +54,7 @@ __all__ = [
     "attach_layout",
     "create_flow",
     "exists_already",
+    "export_key",
     "import_flow",
     "join_tensors",
     "merge_exports",
@@ -481,7 +482,7 @@ def merge_exports(layout: Layout, documents: Mapping[int, bytes]) -> bytes:
             raise ProtocolError(f"shard {i}'s export record is not a JSON object")
         records[i] = record
         for key, array in arrays.items():
-            prefix, remote, field = _export_key(key)
+            prefix, remote, field = export_key(key)
             tensors.setdefault(prefix + "\0" + field, {})[remote] = array
     merged: dict[str, Array] = {}
     for group, arrays in tensors.items():
@@ -501,7 +502,7 @@ def merge_exports(layout: Layout, documents: Mapping[int, bytes]) -> bytes:
     return bytes(encode(merged, metadata))
 
 
-def _export_key(key: str) -> tuple[str, str, str]:
+def export_key(key: str) -> tuple[str, str, str]:
     """``params/NAME`` -> (params/, NAME, ""); ``state/NAME/FIELD`` -> (state/, NAME, /FIELD)."""
     if key.startswith(PARAMS_PREFIX):
         return PARAMS_PREFIX, key[len(PARAMS_PREFIX) :], ""
@@ -610,7 +611,7 @@ def import_flow(
     )
     per_shard: dict[int, dict[str, Array]] = {i: {} for i in layout.shards()}
     for key, array in arrays.items():
-        prefix, tensor, field = _export_key(key)
+        prefix, tensor, field = export_key(key)
         rows = _rows(weights[tensor]) if tensor in weights else _rows(array)
         for piece in layout.pieces(tensor, rows):
             per_shard[piece.shard][prefix + piece.remote + field] = piece.of(array)

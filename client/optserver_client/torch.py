@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -62,8 +62,9 @@ except ImportError as exc:  # pragma: no cover - exercised without torch install
 from optserver_client._client import DEFAULT_URL, Client, Session
 from optserver_client._codec import decode_json, decode_safetensors, encode_json
 from optserver_client._protocol import OUTAGE_PAUSE_S, PushRetries
+from optserver_client._sharded import export_key
 from optserver_client.exceptions import OptserverError
-from optserver_client.safetensors_io import encode_parts
+from optserver_client.safetensors_io import encode
 from optserver_client.vocabulary import (
     PARAMS_PREFIX,
     STATE_FORMAT,
@@ -102,6 +103,12 @@ def _plain(value: Any) -> Any:
 def _torch_value(value: Any) -> Any:
     """A hyperparameter from the server as torch keeps it (``betas`` is a tuple)."""
     return tuple(value) if isinstance(value, list) else value
+
+
+def _hyperparameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer config's hyperparameters (the session's, or a group's): without its
+    ``name`` and ``groups``."""
+    return {k: v for k, v in config.items() if k not in ("name", "groups")}
 
 
 class _Bucket:
@@ -199,11 +206,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             else:
                 super().__init__(params, dict(options))
                 self._create(optimizer, options, mode, schedule, nonfinite, name)
-            self._by_tensor = {
-                p: n for names, g in zip(self._names, self.param_groups, strict=True)
-                for n, p in zip(names, g["params"], strict=True)
-            }  # fmt: skip
-            self._by_name = {n: p for p, n in self._by_tensor.items()}
+            self._by_name = dict(self._named())
+            self._by_tensor = {p: n for n, p in self._by_name.items()}
             self._setup_overlap()
             self._built = True
         except BaseException:
@@ -271,8 +275,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._adopt(self._session.info())
 
     def _attach(self, params: Iterable[Any], session: str, token: str | None) -> None:
+        params_given = list(params)
         given: list[tuple[str, torch.Tensor]] = []
-        for index, item in enumerate(params):
+        for index, item in enumerate(params_given):
             if isinstance(item, dict):
                 raise TypeError(
                     "attach takes the model's parameters (named_parameters() or parameters()); "
@@ -282,17 +287,19 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._session = self._client.session(session, token)
         info = self._session.info()
         by_name = dict(given)
+        named = any(isinstance(item, tuple) for item in params_given)
         groups: list[dict[str, Any]] = []
         names_seen = set()
         for server_group in info["groups"]:
             names = [n for n in server_group["params"] if n in by_name]
             if not names:
                 continue
-            options = {
-                k: _torch_value(v) for k, v in server_group["optimizer"].items() if k != "name"
-            }
-            groups.append({"params": [by_name[n] for n in names], **options})
-            if any(isinstance(item, tuple) for item in given):
+            options = _hyperparameters(server_group["optimizer"])
+            groups.append(
+                {"params": [by_name[n] for n in names],
+                 **{k: _torch_value(v) for k, v in options.items()}}
+            )  # fmt: skip
+            if named:
                 groups[-1]["param_names"] = names
             self._names.append(names)
             self._group_names.append(server_group["name"])
@@ -304,7 +311,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 f"parameter {missing[0]!r} is not in session {session!r}, which holds "
                 f"{held[:10]}{' ...' if len(held) > 10 else ''}"
             )
-        base = {k: v for k, v in info["optimizer"].items() if k not in ("name", "groups")}
+        base = _hyperparameters(info["optimizer"])
         super().__init__(groups, {k: _torch_value(v) for k, v in base.items()})
         self._adopt(info)
         self._load_weights(self._session.pull())
@@ -312,16 +319,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def _adopt(self, info: Mapping[str, Any]) -> None:
         """Fill ``defaults`` and every group with the session's hyperparameters, and take
         them as what the session has."""
-        base = {k: v for k, v in info["optimizer"].items() if k not in ("name", "groups")}
+        base = _hyperparameters(info["optimizer"])
         self._hyperparameters = tuple(base)
-        self._optimizer_name = str(info["optimizer"]["name"])
         self._mode = dict(info["mode"])
         for key, value in base.items():
             self.defaults.setdefault(key, _torch_value(value))
         by_name = {g["name"]: g for g in info["groups"]}
         self._sent = []
         for group, group_name in zip(self.param_groups, self._group_names, strict=True):
-            effective = {k: v for k, v in by_name[group_name]["optimizer"].items() if k != "name"}
+            effective = _hyperparameters(by_name[group_name]["optimizer"])
             for key, value in effective.items():
                 group.setdefault(key, _torch_value(value))
             self._sent.append({k: _plain(v) for k, v in effective.items()})
@@ -411,22 +417,21 @@ class RemoteOptimizer(torch.optim.Optimizer):
             torch.cuda.synchronize()
         return out
 
+    def _named(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter with its tensor name in the session, group by group."""
+        for group, names in zip(self.param_groups, self._names, strict=True):
+            yield from zip(names, group["params"], strict=True)
+
     def _load_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Write the session's weights into the parameters, in place."""
         with torch.no_grad():
-            for group, names in zip(self.param_groups, self._names, strict=True):
-                for tensor_name, param in zip(names, group["params"], strict=True):
-                    value = weights.get(tensor_name)
-                    if value is not None:
-                        param.copy_(torch.from_numpy(np.asarray(value)).reshape(param.shape))
+            for tensor_name, param in self._named():
+                value = weights.get(tensor_name)
+                if value is not None:
+                    param.copy_(torch.from_numpy(value).reshape(param.shape))
 
     def _gradients(self) -> dict[str, torch.Tensor]:
-        return {
-            tensor_name: param.grad
-            for group, names in zip(self.param_groups, self._names, strict=True)
-            for tensor_name, param in zip(names, group["params"], strict=True)
-            if param.grad is not None
-        }
+        return {name: p.grad for name, p in self._named() if p.grad is not None}
 
     def _push(
         self,
@@ -475,9 +480,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         def recompute() -> dict[str, np.ndarray] | None:
             if closure is None:
                 return None
-            for group in self.param_groups:
-                for param in group["params"]:
-                    param.grad = None
+            self.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 closure()
             return self._host(self._gradients())
@@ -645,17 +648,18 @@ class RemoteOptimizer(torch.optim.Optimizer):
         arrays, metadata = decode_safetensors(self.session.export_state())
         record = decode_json(metadata[STATE_RECORD_KEY].encode())
         steps = dict(record.get("steps") or {})
+        exported: dict[str, dict[str, torch.Tensor]] = {}
+        for key, array in arrays.items():
+            prefix, tensor_name, field = export_key(key)
+            if prefix == STATE_PREFIX:  # a copy: the document's buffer is not kept
+                exported.setdefault(tensor_name, {})[field[1:]] = torch.from_numpy(array.copy())
         state: dict[int, dict[str, Any]] = {}
         groups = []
         index = 0
         for group, names in zip(self.param_groups, self._names, strict=True):
             ids = []
             for tensor_name in names:
-                entry: dict[str, Any] = {}
-                prefix = f"{STATE_PREFIX}{tensor_name}/"
-                for key, array in arrays.items():
-                    if key.startswith(prefix):
-                        entry[key[len(prefix) :]] = torch.from_numpy(np.array(array))
+                entry: dict[str, Any] = exported.get(tensor_name, {})
                 if tensor_name in steps:
                     entry["step"] = torch.tensor(float(steps[tensor_name]))
                 if entry:
@@ -720,9 +724,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         record["optimizer"] = {**base, "groups": groups}
         record["steps"] = steps
         metadata = {STATE_FORMAT_KEY: STATE_FORMAT, STATE_RECORD_KEY: encode_json(record).decode()}
-        document = b"".join(bytes(part) for part in encode_parts(tensors, metadata))
         old = self.session
-        self._session = self._client.import_state(document)
+        self._session = self._client.import_state(encode(tensors, metadata))
         self._group_names = [str(i) for i in range(len(self.param_groups))]
         self._adopt(self._session.info())
         with contextlib.suppress(OptserverError):

@@ -41,15 +41,19 @@ WEIGHTS = {"body.w": [1.0, 2.0], "body.bias": [0.5], "head.w": [-1.0, 4.0]}
 GRADS = {"body.w": [0.5, -1.0], "body.bias": [2.0], "head.w": [1.0, 1.0]}
 
 
+def arrays(values: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    return {n: np.array(v, dtype=np.float32) for n, v in values.items()}
+
+
 def expected(
     steps: list[dict[str, Any]], config: dict[str, Any] = OPTIMIZER
 ) -> dict[str, np.ndarray]:
     """The weights after ``steps`` (each ``{"groups": ..., "lr": ...}``), from the core."""
     groups = ParamGroups.create(config)
-    weights = {n: np.array(v, dtype=np.float32) for n, v in WEIGHTS.items()}
+    weights = arrays(WEIGHTS)
     state = groups.init(weights)
     for options in steps:
-        grads = {n: np.array(v, dtype=np.float32) for n, v in GRADS.items()}
+        grads = arrays(GRADS)
         groups.update(grads, state, weights, lr=options.get("lr"), overrides=options.get("groups"))
     return weights
 
@@ -95,7 +99,7 @@ def test_a_step_overrides_options_per_group_in_json_and_in_safetensors() -> None
             metadata = {"groups": json.dumps(options["groups"])} if "groups" in options else {}
             if "lr" in options:
                 metadata["lr"] = str(options["lr"])
-            grads = {n: np.array(v, dtype=np.float32) for n, v in GRADS.items()}
+            grads = arrays(GRADS)
             r = await step_st(client, other, grads, metadata)
             assert r.status_code == 200, r.text
             assert metadata_of(r.content)["applied"] == "true"
@@ -131,7 +135,7 @@ def test_bad_group_options_are_problems_that_change_nothing(
         if option is not None:
             assert problem["option"] == option
         metadata = {"groups": json.dumps(groups)}
-        grads = {n: np.array(v, dtype=np.float32) for n, v in GRADS.items()}
+        grads = arrays(GRADS)
         r = await step_st(client, s, grads, metadata)
         assert r.status_code == 422
         version, weights = await pull(client, s)
@@ -144,7 +148,7 @@ def test_bad_group_options_are_problems_that_change_nothing(
 def test_safetensors_groups_must_be_json_text() -> None:
     async def scenario(client: httpx.AsyncClient) -> None:
         s = await create(client, optimizer=OPTIMIZER, params=WEIGHTS)
-        grads = {n: np.array(v, dtype=np.float32) for n, v in GRADS.items()}
+        grads = arrays(GRADS)
         r = await step_st(client, s, grads, {"groups": "{'head': {'lr': 0.1}}"})
         assert "must be JSON text" in assert_problem(r, 422, "invalid-request")["detail"]
         assert (await pull(client, s))[0] == 0
@@ -290,7 +294,7 @@ def test_a_partial_push_is_refused_in_sync_mode_and_bad_flags_are_problems() -> 
         r = await step(client, s, {"grads": GRADS, "partial": True})
         assert "needs async or ssp mode" in assert_problem(r, 422, "invalid-request")["detail"]
         other = await create(client, optimizer=OPTIMIZER, params=WEIGHTS)
-        grads = {n: np.array(v, dtype=np.float32) for n, v in GRADS.items()}
+        grads = arrays(GRADS)
         r = await step_st(client, other, grads, {"partial": "yes"})
         assert "'true' or 'false'" in assert_problem(r, 422, "invalid-request")["detail"]
         assert (await pull(client, other))[0] == 0

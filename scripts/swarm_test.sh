@@ -63,30 +63,15 @@ healthy_shard() {
     done
 }
 
-# Every shard's description of the session (or of the shards that $1 lists), as JSON
-# {url: {version, sharding} or {error}}, asked from inside shard0's container (the stack's
-# network).
+# Every shard's description of the session, as JSON {url: {version, sharding} or {error}},
+# asked from inside shard0's container (the stack's network). With a threshold ($4) and a
+# deadline ($5 seconds): asked every 20 ms until every shard is at a version >= $4 (exit 1,
+# with the last descriptions, at the deadline).
 SHARDS_SCRIPT='
-import json, sys, urllib.request
-sid, token, urls = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-out = {}
-for url in urls:
-    request = urllib.request.Request(
-        f"{url}/v1/sessions/{sid}", headers={"Authorization": f"Bearer {token}"}
-    )
-    try:
-        info = json.load(urllib.request.urlopen(request, timeout=5))
-        out[url] = {"version": info["version"], "sharding": info.get("sharding")}
-    except Exception as error:
-        out[url] = {"error": f"{type(error).__name__}: {error}"}
-print(json.dumps(out))
-'
-# Waits (at most $5 seconds) until both shards hold the session at a version >= $4; prints
-# their descriptions as above.
-WAIT_SCRIPT='
 import json, sys, time, urllib.request
 sid, token, urls = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-threshold, deadline = int(sys.argv[4]), time.monotonic() + float(sys.argv[5])
+threshold = int(sys.argv[4]) if len(sys.argv) > 4 else None
+deadline = time.monotonic() + (float(sys.argv[5]) if len(sys.argv) > 5 else 0.0)
 while True:
     out = {}
     for url in urls:
@@ -98,7 +83,7 @@ while True:
             out[url] = {"version": info["version"], "sharding": info.get("sharding")}
         except Exception as error:
             out[url] = {"error": f"{type(error).__name__}: {error}"}
-    if min(s.get("version", -1) for s in out.values()) >= threshold:
+    if threshold is None or min(s.get("version", -1) for s in out.values()) >= threshold:
         break
     if time.monotonic() > deadline:
         print(json.dumps(out))
@@ -248,7 +233,7 @@ shard0=$(healthy_shard shard0)
 killed=$(healthy_shard shard1)
 [ -n "$shard0" ] && [ -n "$killed" ] || die "a shard is not healthy any more"
 deadline=$((SECONDS + 300))
-until info=$(docker exec "$shard0" python -c "$WAIT_SCRIPT" "$SESSION" "$OPTSERVER_SESSION_TOKEN" \
+until info=$(docker exec "$shard0" python -c "$SHARDS_SCRIPT" "$SESSION" "$OPTSERVER_SESSION_TOKEN" \
     "$URLS" "$KILL_AT_VERSION" 10); do
     failed=$(grep -c '^exited [1-9]' <<<"$(worker_states)" || true)
     [ "$failed" = 0 ] || die "$failed worker container(s) failed before the shards reached version $KILL_AT_VERSION"

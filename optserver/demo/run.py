@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import queue
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from optserver.demo import mlp
 from optserver.demo.data import Digits, load_digits
+from optserver.demo.worker import steps_per_epoch
 from optserver.embedded import embedded_shards
 from optserver.optim import create as create_optimizer
 
@@ -217,8 +217,8 @@ def run_demo(
         if config.framework == "torch":
             from optserver.demo import torch_demo
 
-            per_worker = math.ceil(math.ceil(len(data.y_train) / config.workers) / config.batch)
-            rounds = config.epochs * per_worker  # every worker's steps, as the workers take them
+            per_epoch = steps_per_epoch(len(data.y_train), config.workers, config.batch)
+            rounds = config.epochs * per_epoch  # every worker's steps, as the workers take them
             steps = rounds if config.mode == "sync" else rounds * config.workers
             creator = torch_demo.create(client, optimizer, mode, config.seed, steps)
             session = creator.session

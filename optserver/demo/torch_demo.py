@@ -27,7 +27,7 @@ from optserver_client.torch import RemoteOptimizer
 
 from optserver.demo.data import Digits, load_digits, shard
 from optserver.demo.mlp import HIDDEN
-from optserver.demo.worker import PROGRESS_EVERY, RETRIES, Emit, WorkerPlan
+from optserver.demo.worker import PROGRESS_EVERY, RETRIES, Emit, WorkerPlan, steps_per_epoch
 
 __all__ = [
     "TORCH_CLASSES",
@@ -144,7 +144,7 @@ def run_torch_worker(
     else:
         x_np, y_np = shard(data.x_train, data.y_train, plan.shard, plan.shards)
     x, y = torch.from_numpy(np.ascontiguousarray(x_np)), torch.from_numpy(y_np.copy())
-    steps_per_epoch = math.ceil(math.ceil(len(data.y_train) / plan.shards) / plan.batch)
+    per_epoch = steps_per_epoch(len(data.y_train), plan.shards, plan.batch)
     model = make_model(plan.seed)  # any weights: attaching loads the session's
     opt = RemoteOptimizer.attach(
         model.named_parameters(), url=url, session=session, token=token, worker=plan.worker,
@@ -159,7 +159,7 @@ def run_torch_worker(
             order = rng.permutation(len(y))
             losses: list[float] = []
             staleness: list[int] = []
-            for k in range(steps_per_epoch):
+            for k in range(per_epoch):
                 chosen = torch.from_numpy(order[(np.arange(plan.batch) + k * plan.batch) % len(y)])
 
                 def closure(chosen: torch.Tensor = chosen) -> Any:
@@ -185,7 +185,7 @@ def run_torch_worker(
                 {
                     "event": "epoch", "worker": plan.worker, "epoch": epoch,
                     "epochs": plan.epochs, "steps": steps,
-                    "loss": float(np.mean(losses[-steps_per_epoch:])),
+                    "loss": float(np.mean(losses[-per_epoch:])),
                     "accuracy": accuracy(model, x_np, y_np), "version": opt.version,
                     "staleness": float(np.mean(staleness)),
                     "seconds": time.perf_counter() - start,

@@ -18,7 +18,7 @@ from optserver_client import Session
 from optserver.demo import mlp
 from optserver.demo.data import Digits, load_digits, shard
 
-__all__ = ["WorkerPlan", "run_worker"]
+__all__ = ["WorkerPlan", "run_worker", "steps_per_epoch"]
 
 Emit = Callable[[dict[str, Any]], None]
 #: Steps between two progress events inside an epoch (for the demo's live table).
@@ -41,6 +41,12 @@ class WorkerPlan:
     patience: float = 120.0
 
 
+def steps_per_epoch(examples: int, shards: int, batch: int) -> int:
+    """A worker's steps in one epoch: a full pass over the largest of ``shards`` shards of
+    ``examples`` (every worker takes as many: a sync round needs one push from each)."""
+    return math.ceil(math.ceil(examples / shards) / batch)
+
+
 def auto_seed() -> int:
     """A seed of this host's own (compose replicas are identical but for their hostnames)."""
     return zlib.crc32(socket.gethostname().encode())
@@ -59,7 +65,7 @@ def run_worker(
         x, y = data.x_train, data.y_train
     else:
         x, y = shard(data.x_train, data.y_train, plan.shard, plan.shards)
-    steps_per_epoch = math.ceil(math.ceil(len(data.y_train) / plan.shards) / plan.batch)
+    per_epoch = steps_per_epoch(len(data.y_train), plan.shards, plan.batch)
     rng = np.random.default_rng(plan.seed)
     start = time.perf_counter()
     weights = session.pull()
@@ -68,7 +74,7 @@ def run_worker(
         order = rng.permutation(len(y))
         losses: list[float] = []
         staleness: list[int] = []
-        for k in range(steps_per_epoch):
+        for k in range(per_epoch):
             chosen = order[(np.arange(plan.batch) + k * plan.batch) % len(y)]
             compute = _batch_gradients(x[chosen], y[chosen], losses)
             base = session.version
@@ -97,7 +103,7 @@ def run_worker(
                 "epoch": epoch,
                 "epochs": plan.epochs,
                 "steps": steps,
-                "loss": float(np.mean(losses[-steps_per_epoch:])),
+                "loss": float(np.mean(losses[-per_epoch:])),
                 "accuracy": mlp.accuracy(weights, x, y),
                 "version": session.version,
                 "staleness": float(np.mean(staleness)),

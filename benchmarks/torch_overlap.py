@@ -22,6 +22,10 @@ the table shows each system's median. The systems take turns, ``--rounds`` times
 ``optserver overlap``
     ``RemoteOptimizer(overlap=True)``: gradients pushed in buckets while backward runs.
 
+``benchmark CPU`` is the cores the benchmark's processes used (trainer and servers), ``other
+CPU`` what every other process on the machine used meanwhile (``ps_compare.py``'s
+accounting): a row with a large ``other CPU`` was disturbed.
+
 ``--rate`` (root: network namespaces, ``tests/netns.py``) puts both servers on a host of their
 own, the trainer on another, each with a link of that rate each way: the time on the wire is
 then the network's, as between machines, instead of the loopback's memory copies, which on a
@@ -43,8 +47,10 @@ import warnings
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
+from ps_compare import CpuSample, cores_used, machine_busy_ticks, tree_ticks
 
 SYSTEMS = ("torch.optim", "torch rpc", "optserver", "optserver overlap")
 LAYERS, WIDTH, BATCH, LR = 10, 1000, 64, 1e-4
@@ -162,34 +168,50 @@ def trainer(url: str, rpc_address: str, device: str, steps: int, rounds: int) ->
         "trainer", rank=1, world_size=2, rpc_backend_options=rpc_options(rpc_address)
     )
     samples: dict[str, list[list[float]]] = {s: [] for s in SYSTEMS}
+    cpu: dict[str, list[tuple[float, float]]] = {s: [] for s in SYSTEMS}
+
+    def sample() -> CpuSample:
+        # The benchmark's tree: the process that started this one, its servers, this one.
+        return CpuSample(time.monotonic(), machine_busy_ticks(), tree_ticks(os.getppid()))
+
     try:
         for _ in range(rounds):
             for system in SYSTEMS:
+                before = sample()
                 samples[system].append(measure(system, url, steps))
+                cpu[system].append(cores_used(before, sample()))
                 ms = statistics.median(samples[system][-1]) * 1e3
                 print(f"{system:>18}: {ms:.1f} ms", file=sys.stderr, flush=True)
     finally:
         rpc.shutdown()
-    print(json.dumps(samples))
+    print(json.dumps({"times": samples, "cpu": cpu}))
 
 
 # --- the table ---------------------------------------------------------------------------------
 
 
-def report(samples: dict[str, list[list[float]]], title: str) -> None:
+def report(measured: dict[str, Any], title: str) -> None:
+    """The table: per system the median and p90 of backward+step, the ratio to optserver
+    without overlap, and the cores the benchmark's processes (trainer and servers) and every
+    other process used while it ran (the mean over rounds)."""
+    samples: dict[str, list[list[float]]] = measured["times"]
+    cpu: dict[str, list[list[float]]] = measured["cpu"]
     medians = {
         s: statistics.median([t for r in rounds for t in r]) for s, rounds in samples.items()
     }
     plain = medians["optserver"]
     print(title)
     print()
-    print("| system | backward+step p50 ms | p90 ms | optserver (no overlap) / row |")
-    print("|---|---|---|---|")
+    print("| system | backward+step p50 ms | p90 ms | optserver (no overlap) / row "
+          "| benchmark CPU | other CPU |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for system, rounds in samples.items():
         flat = sorted(t for r in rounds for t in r)
         p90 = flat[int(0.9 * (len(flat) - 1))]
+        own = statistics.mean(c[0] for c in cpu[system])
+        other = statistics.mean(c[1] for c in cpu[system])
         print(f"| {system} | {medians[system] * 1e3:.1f} | {p90 * 1e3:.1f} | "
-              f"{plain / medians[system]:.2f} |")  # fmt: skip
+              f"{plain / medians[system]:.2f} | {own:.2f} | {other:.2f} |")  # fmt: skip
     per_round = [
         statistics.median(p) / statistics.median(o)
         for p, o in zip(samples["optserver"], samples["optserver overlap"], strict=True)

@@ -267,7 +267,10 @@ def test_endless_headers_get_431(slow_server: LiveServer) -> None:
     grown = _proc_status(pid)["VmRSS"] - before
     assert status == 431, body
     assert json.loads(body)["type"].endswith(":headers-too-large")
-    assert sent < 8 << 20, sent
+    # The server answered while the client was still sending. How much it sent by then is the
+    # kernel's business as much as the server's (loopback socket buffers grow to tens of MiB
+    # when the server is slow to be scheduled): what the server held is bounded below.
+    assert sent < 64 << 20, sent
     assert elapsed < HEADER_TIMEOUT, elapsed
     assert grown < 32 << 20, grown
 

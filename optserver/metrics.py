@@ -7,8 +7,8 @@ to ``label_bytes`` bytes. Folding keeps sums: the server-wide totals are exact, 
 per-worker series of a counter add up to what every worker did. A scrape is generated in a
 worker thread, one at a time.
 
-A little over 400 lines: the metric families, the folding collector and the ASGI middleware
-that feeds them are one concept (what /metrics shows) with one bound on its size.
+The HTTP exchanges are counted by :mod:`optserver.api.middleware`, which feeds the request
+families defined here.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio.to_thread
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,17 +29,14 @@ from prometheus_client.core import (
     Metric,
 )
 
-from optserver.api.direct import direct_bytes
 from optserver.store import Session, SessionStore
 from optserver.workers import STALENESS_BUCKETS, StalenessHistogram, WorkerStats
 
-__all__ = ["OTHER", "Metrics", "MetricsMiddleware", "SessionCollector", "label_value"]
+__all__ = ["OTHER", "Metrics", "SessionCollector", "label_value"]
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 #: The label value of the series that sessions and workers beyond the limits are folded into.
 OTHER = "_other"
-#: Methods counted by name; anything else a client invents is counted as "other".
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Metrics:
@@ -337,84 +332,3 @@ class SessionCollector:
                 series, _buckets(sums.staleness.counts), float(sums.staleness.total)
             )
         yield from (session_bytes, staleness, pushes, applied, rejected, seen, worker_staleness)
-
-
-class MetricsMiddleware:
-    """Counts requests, latency and body bytes of every HTTP exchange (pure ASGI: no copies).
-
-    Requests are labelled by the path template of the route that took them, never by the raw
-    path (clients choose paths: the series would be unbounded); paths no route matches are
-    ``unmatched``."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-        # id(endpoint) -> (endpoint, template), for the routes that leave scope["route"] unset;
-        # built on first use (routes are added after the middleware is made) and again when
-        # the number of routes changes.
-        self._templates: dict[int, tuple[object, str]] = {}
-        self._routes_seen = -1
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        metrics, start, status = self.metrics, time.perf_counter(), [500]
-        bytes_in = metrics.bytes.labels("in")
-        bytes_out = metrics.bytes.labels("out")
-
-        async def counting_receive() -> Any:
-            message = await receive()
-            if message["type"] == "http.request":
-                bytes_in.inc(len(message.get("body", b"")))
-            return message
-
-        async def counting_send(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            elif message["type"] == "http.response.body":
-                bytes_out.inc(len(message.get("body", b"")))
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, counting_send)
-        finally:
-            # FastAPI's routes name themselves in scope["route"] (the hot path: no lookup);
-            # Starlette's Route and Mount (/openapi.json, the docs' static files) only leave
-            # the endpoint they matched in scope["endpoint"].
-            route = getattr(scope.get("route"), "path", None) or self._template(scope)
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            bytes_in.inc(direct_bytes(scope))  # read into its buffer, past receive()
-            metrics.requests.labels(method, route, str(status[0])).inc()
-            metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
-
-    def _template(self, scope: Any) -> str:
-        """The path template of the route whose endpoint is ``scope["endpoint"]``, or
-        ``unmatched`` (no route took the request)."""
-        endpoint = scope.get("endpoint")
-        if endpoint is None:
-            return "unmatched"
-        routes = getattr(scope.get("router"), "routes", None) or []
-        if len(routes) != self._routes_seen:
-            self._templates = {}
-            self._index(routes, "")
-            self._routes_seen = len(routes)
-        known = self._templates.get(id(endpoint))
-        # Keyed by id: endpoints may be unhashable; the identity check rules out a reused id.
-        return known[1] if known is not None and known[0] is endpoint else "unmatched"
-
-    def _index(self, routes: Iterable[Any], prefix: str) -> None:
-        for route in routes:
-            # A Mount's template ends in "/{path}": one series for everything under it.
-            template = getattr(route, "path_format", None)
-            # What the route puts in scope["endpoint"]: a Route its endpoint, a Mount its app.
-            endpoint = getattr(route, "endpoint", None)
-            if endpoint is None:
-                endpoint = getattr(route, "app", None)
-            if isinstance(template, str) and endpoint is not None:
-                # An endpoint served at several paths counts under the first of them.
-                self._templates.setdefault(id(endpoint), (endpoint, prefix + template))
-            # A mounted app's own routes record their endpoint in place of the Mount's.
-            children = getattr(route, "routes", None)
-            if isinstance(template, str) and template.endswith("/{path}") and children:
-                self._index(children, prefix + template.removesuffix("/{path}"))

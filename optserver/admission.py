@@ -64,7 +64,7 @@ def admit(session: Session, push: Push) -> Admitted:
     """Decide on ``push``; raises a problem, changing nothing, if it cannot be applied."""
     if not push.grads:
         raise InvalidTensor("the push carries no gradients", slug=ProblemSlug.NO_GRADIENTS)
-    session.mode.admit(push, session.version)
+    session.mode.admit(push, session.judged_version(push))
     if push.base_version is not None and push.base_version > session.version:
         raise Conflict(
             f"base_version {push.base_version} is ahead of the session's version {session.version}",
@@ -106,7 +106,7 @@ def _step_rate(session: Session, push: Push) -> Rate | None:
     """How ``push`` sets a group's learning rate (None: as given): the push's (or its group
     override's), else the schedule's from the group's own rate, as the mode scales it (ssp's
     staleness scaling)."""
-    schedule, version = session.schedule, session.version
+    schedule, version = session.schedule, session.judged_version(push)
     scales = session.mode.scales_lr(push)
     if schedule is None and not scales:
         return None

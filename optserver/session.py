@@ -52,7 +52,7 @@ from optserver.push import Outcome, Push, Recorder, RoundMember
 from optserver.replay import ReplayCache
 from optserver.replies import Answer
 from optserver.sharding import Sharding
-from optserver.workers import StalenessHistogram, WorkerBook
+from optserver.workers import OpenStep, StalenessHistogram, WorkerBook
 
 __all__ = ["KEEP", "SKIPPED", "Session", "SessionLimits"]
 
@@ -263,11 +263,24 @@ class Session:
                 self._count_rejection(exc.slug, worker)
             raise
 
+    def judged_version(self, push: Push) -> int:
+        """The version at which ``push`` is admitted (ssp's staleness) and its rate set (the
+        schedule's, ssp's scaling): the session's; but the version of the first part for the
+        other parts of a worker's step pushed in parts (the same worker and ``base_version``,
+        up to its completing push), so that a step is admitted or refused whole, at one rate,
+        whatever other workers push between its parts."""
+        stats = self.workers.peek(push.worker)
+        open_step = None if stats is None else stats.open_step
+        if open_step is not None and open_step.base_version == push.base_version:
+            return open_step.version
+        return self.version
+
     def _applied(self, pushes: list[Push], *, partial: bool = False) -> None:
         """Bookkeeping of one applied step made of ``pushes`` (one, or a sync round's);
         ``partial``: a part of a worker's step that a later push completes (the version
         counts whole steps)."""
         for push in pushes:
+            judged = self.judged_version(push)
             stats = self.workers.get(push.worker)
             if push.base_version is not None:
                 staleness = self.version - push.base_version
@@ -279,6 +292,7 @@ class Session:
                 stats.applied += 1
                 stats.last_base_version = push.base_version
                 stats.last_version = self.version + (not partial)
+                stats.open_step = OpenStep(push.base_version, judged) if partial else None
         self.updated_at = time.time()
         if partial:
             return

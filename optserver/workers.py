@@ -7,7 +7,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["STALENESS_BUCKETS", "StalenessHistogram", "WorkerBook", "WorkerStats"]
+__all__ = ["STALENESS_BUCKETS", "OpenStep", "StalenessHistogram", "WorkerBook", "WorkerStats"]
 
 #: Upper bounds (inclusive) of the staleness histogram's buckets; larger values go to "+Inf".
 STALENESS_BUCKETS: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)
@@ -42,6 +42,20 @@ class StalenessHistogram:
         }
 
 
+@dataclass(frozen=True)
+class OpenStep:
+    """A step the worker pushes in parts (``partial`` pushes) and has not completed yet: the
+    ``base_version`` its parts carry, and the session ``version`` its first part was applied
+    at, at which its other parts are judged (see :meth:`Session.judged_version
+    <optserver.session.Session.judged_version>`)."""
+
+    base_version: int | None
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base_version": self.base_version, "version": self.version}
+
+
 @dataclass
 class WorkerStats:
     pushes: int = 0
@@ -53,6 +67,8 @@ class WorkerStats:
     last_version: int | None = None
     last_seen: float = 0.0
     staleness: StalenessHistogram = field(default_factory=StalenessHistogram)
+    #: The step the worker is pushing in parts, if one is under way.
+    open_step: OpenStep | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +80,7 @@ class WorkerStats:
             "last_version": self.last_version,
             "last_seen": self.last_seen,
             "staleness": self.staleness.to_dict(),
+            "open_step": None if self.open_step is None else self.open_step.to_dict(),
         }
 
 
@@ -91,6 +108,10 @@ class WorkerBook:
         stats.last_seen = time.time()
         return stats
 
+    def peek(self, worker: str | None) -> WorkerStats | None:
+        """The worker's stats if it has any, as they are (not marked as seen)."""
+        return self._workers.get(worker) if worker else None
+
     def to_dict(self) -> dict[str, Any]:
         return {worker: stats.to_dict() for worker, stats in self._workers.items()}
 
@@ -107,6 +128,12 @@ class WorkerBook:
                 last_version=entry.get("last_version"),
                 last_seen=float(entry.get("last_seen", 0.0)),
             )
+            open_step = entry.get("open_step")
+            if open_step is not None:
+                base = open_step["base_version"]
+                stats.open_step = OpenStep(
+                    None if base is None else int(base), int(open_step["version"])
+                )
             buckets = entry.get("staleness", {}).get("buckets", {})
             labels = [str(b) for b in STALENESS_BUCKETS] + ["+Inf"]
             stats.staleness.counts = [int(buckets.get(label, 0)) for label in labels]

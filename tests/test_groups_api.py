@@ -300,3 +300,47 @@ def test_a_partial_push_is_refused_in_sync_mode_and_bad_flags_are_problems() -> 
         assert (await pull(client, other))[0] == 0
 
     run(scenario)
+
+
+def test_the_rest_of_a_step_in_parts_is_judged_as_of_its_first_part(tmp_path: Path) -> None:
+    """ssp: a worker's step pushed in parts is admitted or refused whole. Once its first part
+    is applied, its other parts are judged, and their rate scaled, at the version that part
+    was applied at, whatever other workers pushed meanwhile; a restart in between keeps it."""
+    seen: dict[str, Any] = {}
+    mode = {"name": "ssp", "max_staleness": 0, "staleness_scaling": "inverse"}
+
+    async def before(client: httpx.AsyncClient) -> None:
+        s = await create(client, optimizer=OPTIMIZER, params=WEIGHTS, mode=mode)
+        part = {"grads": {"body.w": GRADS["body.w"]}, "base_version": 0, "worker": "a"}
+        r = await step(client, s, {**part, "partial": True})
+        assert r.status_code == 200 and r.json()["version"] == 0, r.text
+        r = await step(client, s, {"grads": GRADS, "base_version": 0, "worker": "b"})
+        assert r.json()["version"] == 1
+        info = (await client.get(f"/v1/sessions/{s['id']}", headers=auth(s["token"]))).json()
+        assert info["workers"]["a"]["open_step"] == {"base_version": 0, "version": 0}
+        assert info["workers"]["b"]["open_step"] is None
+        seen["session"] = s
+
+    async def after(client: httpx.AsyncClient) -> None:
+        s = seen["session"]
+        rest = {"base_version": 0, "worker": "a"}
+        r = await step(
+            client, s, {"grads": {"body.bias": GRADS["body.bias"]}, **rest, "partial": True}
+        )
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+        r = await step(client, s, {"grads": {"head.w": GRADS["head.w"]}, **rest})
+        assert r.status_code == 200 and r.json()["version"] == 2, r.text
+        info = (await client.get(f"/v1/sessions/{s['id']}", headers=auth(s["token"]))).json()
+        assert info["workers"]["a"]["open_step"] is None
+        # A new step on version 0 is two steps behind now, from worker a as from any other.
+        for worker in ("a", "c"):
+            r = await step(client, s, {"grads": GRADS, "base_version": 0, "worker": worker})
+            assert_problem(r, 409, "stale-gradient")
+        # Every tensor stepped twice at the configured rate: each of a's parts was 0 steps
+        # stale when its step began (lr/(1+s) would have halved the last two).
+        version, weights = await pull(client, s)
+        assert version == 2
+        assert_weights(weights, expected([{}, {}]))
+
+    run(before, data_dir=tmp_path, fsync="never")
+    run(after, data_dir=tmp_path, fsync="never")

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -571,3 +572,66 @@ def test_misuse_is_refused_with_a_message_that_says_what_to_do(server: LiveServe
             opt.step()
     finally:
         opt.close(delete=True)
+
+
+def test_overlap_in_ssp_applies_or_refuses_a_step_whole(server: LiveServer) -> None:
+    """A step pushed in parts is judged as of its first part: another worker's step landing
+    between a's parts does not make the rest of a's step stale; a step whose first part is
+    stale is refused whole, and the model takes the session's weights."""
+    model_a, model_b = make_model(), make_model()
+    unused = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))  # step() completes
+    a = RemoteOptimizer(
+        [*model_a.named_parameters(), ("unused", unused)], url=server.url, optimizer="sgd",
+        lr=0.1, mode={"name": "ssp", "max_staleness": 0}, overlap=True, bucket_bytes=64,
+    )  # fmt: skip
+    b = RemoteOptimizer.attach(
+        model_b.named_parameters(), url=server.url, session=a.session_id, token=a.token
+    )
+    assert a.worker is not None and a.worker.startswith("torch-")
+    x, y = next(batches(1))
+
+    def workers() -> dict[str, Any]:
+        seen: dict[str, Any] = a.session.info()["workers"]
+        return seen
+
+    try:
+        a.zero_grad()
+        torch.nn.functional.cross_entropy(model_a(x), y).backward()  # a's parts go out
+        deadline = time.monotonic() + 30
+        while workers().get(a.worker, {}).get("open_step") is None:
+            assert time.monotonic() < deadline, "a's first part never arrived"
+            time.sleep(0.01)
+        b.zero_grad()
+        torch.nn.functional.cross_entropy(model_b(x), y).backward()
+        b.step()  # version 1, between a's parts
+        a.step()  # its rest is judged at version 0: applied
+        assert a.last_step_applied is True and a.version == 2
+        seen = workers()[a.worker]
+        assert seen["open_step"] is None and seen["rejected"] == 0, seen
+
+        # c takes version 2's weights, a steps again: c's step, on version 2, is stale whole.
+        model_c = make_model(seed=8)
+        c = RemoteOptimizer.attach(
+            model_c.named_parameters(), url=server.url, session=a.session_id, token=a.token,
+            overlap=True, bucket_bytes=64, worker="c",
+        )  # fmt: skip
+        a.zero_grad()
+        torch.nn.functional.cross_entropy(model_a(x), y).backward()
+        a.step()
+        assert a.version == 3
+        before = a.session.pull()  # (not c.session: it would learn of version 3)
+        c.zero_grad()
+        torch.nn.functional.cross_entropy(model_c(x), y).backward()
+        c.step()
+        assert c.last_step_applied is False and c.version == 3
+        after = c.session.pull()
+        for name, value in before.items():
+            np.testing.assert_array_equal(after[name], value)  # none of c's parts applied
+        for name, p in model_c.named_parameters():
+            np.testing.assert_array_equal(p.detach().numpy(), after[name])  # c resynced
+        seen = workers()["c"]
+        assert seen["applied"] == 0 and seen["rejected"] > 0 and seen["open_step"] is None
+        c.close()
+    finally:
+        b.close()
+        a.close(delete=True)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -143,7 +144,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
     string) of shard URLs; or a ready ``client``. ``optimizer`` and ``options``: the session's
     optimizer and its hyperparameters (torch.optim's names). ``mode``, ``schedule``,
     ``nonfinite`` and ``name``: as for :meth:`Client.create_session`. ``worker``: this
-    worker's id in the session's statistics. ``patience``: seconds a step keeps retrying while
+    worker's id in the session's statistics (with ``overlap=True``, ``torch-`` and a random
+    suffix if not given: the session keeps the parts of a worker's step together by it).
+    ``patience``: seconds a step keeps retrying while
     a server is out (0: raise at once); ``retries``: how many stale refusals (ssp) or failed
     rounds (sync) a step retries.
     """
@@ -178,6 +181,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             )
         self._client = client if client is not None else Client(url, admin_key=admin_key)
         self._owns_client = client is None
+        if overlap and worker is None:
+            worker = f"torch-{uuid.uuid4().hex[:12]}"
         self.worker = worker
         self.patience = float(patience)
         self.retries = int(retries)
@@ -443,7 +448,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
     ) -> dict[str, np.ndarray] | None:
         """One push with ``train_step``'s handling of refusals: the same push again through an
         outage (``patience``) or a failed sync round; a stale refusal (ssp) pulls the
-        session's weights into the model and recomputes (None: the step is dropped)."""
+        session's weights into the model and calls ``recompute``, or drops the step (None:
+        the caller loads the session's weights once)."""
         session = self.session
         retries = PushRetries(base_version, self.retries, self.patience)
         options = self._options()
@@ -460,8 +466,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 if action == "outage":
                     time.sleep(OUTAGE_PAUSE_S)
                 elif action == "recompute":
-                    self._load_weights(session.pull())
-                    fresh = None if recompute is None else recompute()
+                    fresh = None
+                    if recompute is not None:
+                        self._load_weights(session.pull())
+                        fresh = recompute()
                     if fresh is None:
                         self.last_step_applied = False
                         return None
@@ -491,9 +499,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
         grads = self._host(self._gradients())
         if not grads:
             return loss  # as torch: parameters without a gradient are not stepped
-        answer = self._push(grads, self.session.version, recompute=recompute)
-        if answer is not None:
-            self._load_weights(answer)
+        answer = self._push(
+            grads, self.session.version, recompute=None if closure is None else recompute
+        )
+        self._load_weights(answer if answer is not None else self.session.pull())
         return loss
 
     # --- overlap with backward ---------------------------------------------------------------
@@ -567,15 +576,17 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _launch_final(self, names: list[str]) -> Future[dict[str, np.ndarray] | None]:
         """The completing push, sent once every part before it is applied (the version
-        advances with it: whoever sees the new version sees the whole step)."""
+        advances with it: whoever sees the new version sees the whole step). A part refused
+        as stale refuses the step: the session judges a step's parts as of its first one,
+        so that none of them was applied either."""
         assert self._pool is not None and self._base_version is not None
         grads = self._host(self._grads_of(names))
         base, parts = self._base_version, list(self._pending)
 
         def complete() -> dict[str, np.ndarray] | None:
             for part in parts:
-                if part.exception() is not None:
-                    return None  # step() raises the part's error
+                if part.exception() is not None or part.result() is None:
+                    return None  # step() raises the part's error, or resyncs
             return self._push(grads, base)
 
         return self._pool.submit(complete)

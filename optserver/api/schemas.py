@@ -202,6 +202,11 @@ class Counters(_Out):
     staleness: Staleness
 
 
+class OpenStepInfo(_Out):
+    base_version: int | None
+    version: int
+
+
 class WorkerInfo(_Out):
     pushes: int
     applied: int
@@ -215,6 +220,12 @@ class WorkerInfo(_Out):
     )
     last_seen: float
     staleness: Staleness
+    open_step: OpenStepInfo | None = Field(
+        None,
+        description="The step the worker is pushing in parts (`partial` pushes), until its "
+        "completing push: the base_version its parts carry, and the session's version when its "
+        "first part was applied, at which its other parts are admitted and their rate set.",
+    )
 
 
 class SessionInfo(_Out):

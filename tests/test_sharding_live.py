@@ -198,6 +198,47 @@ def test_attach_takes_the_shards_in_any_order_and_refuses_a_wrong_list(
             Session.attach([urls[0], urls[0] + "/", urls[1]], session.id, token)
 
 
+def test_listing_over_shards_shows_each_sharded_session_once_and_whole(
+    servers: list[LiveServer],
+) -> None:
+    rng = np.random.default_rng(12)
+    params = initial(rng)
+    two = [s.url for s in servers[:2]]
+    with (
+        Client(two, chunk_bytes=CHUNK) as client,
+        Client([*two, servers[2].url], chunk_bytes=CHUNK) as wider,
+        Client(two[0]) as first,
+    ):
+        sharded = client.create_session(params, "sgd", name="listed")
+        sharded.step(gradients(rng, params))
+        elsewhere = wider.create_session(params, "sgd")  # also on a server not in the list
+        alone = first.create_session(params, "sgd")  # server 0's own
+        try:
+            listed = client.list_sessions()
+            ids = [s["id"] for s in listed]
+            assert ids.count(sharded.id) == 1
+            assert elsewhere.id not in ids and alone.id not in ids
+            assert all(s["sharding"]["count"] == 2 and len(s["shards"]) == 2 for s in listed)
+            entry = next(s for s in listed if s["id"] == sharded.id)
+            described = sharded.info()
+            for key in ("name", "version", "versions", "params", "groups", "sharding"):
+                assert entry[key] == described[key], key
+            shapes = {p["name"]: tuple(p["shape"]) for p in entry["params"]}
+            assert shapes == {n: np.shape(a) for n, a in params.items()}  # cut tensors whole
+            assert entry["versions"] == [1, 1]
+            with Client(two[::-1], chunk_bytes=CHUNK) as reversed_:
+                assert [s["id"] for s in reversed_.list_sessions()] == ids
+
+            async def listed_async() -> list[str]:
+                async with AsyncClient(two, chunk_bytes=CHUNK) as aclient:
+                    return [s["id"] for s in await aclient.list_sessions()]
+
+            assert asyncio.run(listed_async()) == ids
+        finally:
+            for session in (sharded, elsewhere, alone):
+                session.delete()
+
+
 def kill(server: LiveServer) -> None:
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(10)

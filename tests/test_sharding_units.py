@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optserver_client._protocol import PushRetries, retry_push
-from optserver_client._sharded import join_tensors, split_tensors
+from optserver_client._protocol import ClientCore, PushRetries, retry_push
+from optserver_client._sharded import ShardedCore, join_tensors, list_sessions, split_tensors
 from optserver_client.exceptions import ConflictError, ShardError, TransportError, ValidationError
 from optserver_client.sharding import (
     DEFAULT_CHUNK_BYTES,
@@ -237,3 +237,43 @@ def test_stored_names_the_pieces_without_their_rows(rows: int, count: int, cut: 
     assert layout.stored("w") == [(p.shard, p.remote) for p in pieces]
     array = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
     assert np.array_equal(np.concatenate([p.of(array) for p in pieces]), array)
+
+
+def _shard_info(layout: Layout, index: int, id: str, names: list[str]) -> dict[str, Any]:
+    """A shard's description of its part of session ``id`` (what GET /v1/sessions lists)."""
+    return {
+        "id": id,
+        "name": id,
+        "version": 3 - index,
+        "nonfinite": "reject",
+        "params": [{"name": n, "shape": [2, 3], "dtype": "float32"} for n in names],
+        "groups": [{"name": "default", "params": names, "lr": 0.1}],
+        "sharding": layout.descriptor(index),
+    }
+
+
+def test_listing_merges_each_sharded_session_once_in_shard_order() -> None:
+    layout = Layout(2, 1, {"w": 2})
+    cores = [ClientCore(binary=True, admin_key=None) for _ in range(2)]
+    shard0 = [_shard_info(layout, 0, "s", ["b", "w#0"]), _shard_info(layout, 0, "only0", ["b"])]
+    shard1 = [_shard_info(layout, 1, "s", ["a", "w#1"]), {"id": "plain", "params": []}]
+    other = Layout(2, 2, {"w": 2})  # the same id, but another session's layout
+    shard0.append(_shard_info(layout, 0, "mixed", ["w#0"]))
+    shard1.append(_shard_info(other, 1, "mixed", ["w#1"]))
+    fanout = list_sessions(cores)
+    assert sorted(fanout.calls) == [0, 1]
+    listed = fanout.merge({1: shard1, 0: shard0})  # the answers in any order
+    assert listed == fanout.merge({0: shard0, 1: shard1})
+    assert [s["id"] for s in listed] == ["s"]
+    (entry,) = listed
+    assert entry["version"] == 2 and entry["versions"] == [3, 2]
+    assert [(p["name"], p["shape"]) for p in entry["params"]] == [
+        ("a", [2, 3]), ("b", [2, 3]), ("w", [4, 3]),
+    ]  # fmt: skip
+    assert entry["groups"][0]["params"] == ["b", "w", "a"]  # shard 0's first, then shard 1's
+    assert [s["sharding"]["index"] for s in entry["shards"]] == [0, 1]
+    # A session's own description, too, whatever order its shards answer in.
+    core = ShardedCore([c.session("s") for c in cores], layout)
+    info = core.info()
+    assert info.merge({1: shard1[0], 0: shard0[0]}) == info.merge({0: shard0[0], 1: shard1[0]})
+    assert info.merge({1: shard1[0], 0: shard0[0]})["groups"] == entry["groups"]

@@ -48,6 +48,7 @@ from optserver_client._sharded import (
     ShardedCore,
     create_flow,
     import_flow,
+    list_sessions,
     open_flow,
     settle,
 )
@@ -216,8 +217,10 @@ class AsyncClient:
         return AsyncShardedSession(self, None, self._shards, id=id, token=token)
 
     async def list_sessions(self) -> list[dict[str, Any]]:
-        """The (first shard's) sessions."""
-        return await self._request(self._core.list_sessions())
+        """See :meth:`optserver_client.Client.list_sessions`."""
+        if not self._sharding:
+            return await self._request(self._core.list_sessions())
+        return await self._fan(list_sessions([s._core for s in self._shards]))
 
     async def import_state(
         self, data: bytes | bytearray | memoryview, *, name: str | None = None

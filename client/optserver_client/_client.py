@@ -33,6 +33,7 @@ from optserver_client._sharded import (
     ShardedCore,
     create_flow,
     import_flow,
+    list_sessions,
     open_flow,
     settle,
 )
@@ -225,8 +226,12 @@ class Client:
         return ShardedSession(self, core, tuple(self._shards[p] for p in order))
 
     def list_sessions(self) -> list[dict[str, Any]]:
-        """The (first shard's) sessions."""
-        return self._request(self._core.list_sessions())
+        """The server's sessions; with several URLs, the sharded sessions over them, each once
+        and described as :meth:`ShardedSession.info` describes it (a session of one of the
+        servers alone is listed by a client of that URL)."""
+        if not self._sharding:
+            return self._request(self._core.list_sessions())
+        return self._fan(list_sessions([s._core for s in self._shards]))
 
     def import_state(
         self, data: bytes | bytearray | memoryview, *, name: str | None = None

@@ -57,6 +57,7 @@ __all__ = [
     "export_key",
     "import_flow",
     "join_tensors",
+    "list_sessions",
     "merge_exports",
     "open_flow",
     "settle",
@@ -442,7 +443,8 @@ class ShardedCore:
     def _merged_info(self, results: Mapping[int, Any]) -> dict[str, Any]:
         """One description of the session: shard 0's, with the least version, the logical
         tensors, the layout, and every shard's own description under ``shards``."""
-        infos = {i: r for i, r in results.items() if isinstance(r, dict)}
+        # In shard order, not the order the answers came in: the same description every time.
+        infos = {i: results[i] for i in sorted(results) if isinstance(results[i], dict)}
         self.observe(infos)
         if not infos:
             return {}
@@ -651,6 +653,34 @@ def open_flow(
     core = ShardedCore([cores[p] for p in order], layout)
     core.observe({i: infos[p] for i, p in enumerate(order)})
     return core, order
+
+
+def list_sessions(clients: Sequence[ClientCore]) -> Fanout[list[dict[str, Any]]]:
+    """The sharded sessions whose shards are the servers of ``clients`` (in any order), each
+    described once as :meth:`ShardedCore.info` describes it, in the first server's order. A
+    session of one of these servers alone, or sharded over other servers too, is not one a
+    client of these URLs opens: it is not listed (a client of its own URLs lists it)."""
+    count = len(clients)
+
+    def merge(lists: dict[int, Any]) -> list[dict[str, Any]]:
+        found: dict[str, dict[int, Mapping[str, Any]]] = {}
+        for position in sorted(lists):
+            for info in lists[position]:
+                if isinstance(info, dict) and isinstance(info.get("sharding"), dict):
+                    found.setdefault(str(info.get("id")), {})[position] = info
+        sessions = []
+        for id, infos in found.items():
+            if len(infos) != count:
+                continue
+            try:
+                layout, order = attach_layout(infos, count)
+            except (ValueError, TypeError, KeyError):
+                continue  # the same id, but not one session over these servers
+            core = ShardedCore([clients[p].session(id, None) for p in order], layout)
+            sessions.append(core._merged_info({i: infos[p] for i, p in enumerate(order)}))
+        return sessions
+
+    return Fanout({i: client.list_sessions() for i, client in enumerate(clients)}, merge)
 
 
 def attach_layout(infos: Mapping[int, Mapping[str, Any]], count: int) -> tuple[Layout, list[int]]:

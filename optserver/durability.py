@@ -103,8 +103,12 @@ class DataDirError(RuntimeError):
     """The data directory cannot be loaded; the message says which file and why."""
 
 
-def _encode(event: dict[str, Any], tensors: Mapping[str, np.ndarray] | None = None) -> memoryview:
-    return safetensors_io.encode(tensors or {}, {"event": orjson.dumps(event).decode()})
+def _encode(
+    event: dict[str, Any], tensors: Mapping[str, np.ndarray] | None = None
+) -> tuple[bytes | memoryview, ...]:
+    """A record's payload as pieces (the header, then views of the arrays): the journal writes
+    them as they are, without joining a step's gradients into one more copy."""
+    return safetensors_io.encode_parts(tensors or {}, {"event": orjson.dumps(event).decode()})
 
 
 def _decode(payload: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

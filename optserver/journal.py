@@ -55,10 +55,10 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 __all__ = [
     "FsyncPolicy",
@@ -78,6 +78,9 @@ __all__ = [
 #: When appended records are forced to disk (the ``fsync`` setting, defined here, where it is
 #: implemented, so that the journal needs nothing of the configuration).
 FsyncPolicy = Literal["always", "interval", "never"]
+#: One buffer of a record (a piece of a tensor's bytes is a memoryview of the array).
+_Bytes: TypeAlias = bytes | bytearray | memoryview
+_BYTES = (bytes, bytearray, memoryview)
 _HEAD = struct.Struct("<II")
 _NAME = re.compile(r"^wal-(\d{8})\.log$")
 #: A record larger than this is corruption, not data (bounds what a bad length can allocate).
@@ -275,20 +278,29 @@ class Journal:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def append(self, payload: bytes | bytearray | memoryview) -> int:
-        """Write one record; the returned ticket becomes durable per the fsync policy.
+    def append(self, payload: _Bytes | Sequence[_Bytes]) -> int:
+        """Write one record (``payload``: its bytes, or its pieces in order, written as they
+        are: a large record is neither joined nor copied); the returned ticket becomes durable
+        per the fsync policy.
 
         Raises :class:`JournalUnwritable` (nothing was written: retry later) or
         :class:`JournalFailed` (the journal takes nothing more in this process)."""
-        if len(payload) > _MAX_PAYLOAD:
-            raise ValueError(f"a record holds at most {_MAX_PAYLOAD} bytes, not {len(payload)}")
-        head = _HEAD.pack(len(payload), zlib.crc32(payload))
-        size = len(head) + len(payload)
+        pieces = [payload] if isinstance(payload, _BYTES) else list(payload)
+        views = [memoryview(piece).cast("B") for piece in pieces]
+        length = sum(len(view) for view in views)
+        if length > _MAX_PAYLOAD:
+            raise ValueError(f"a record holds at most {_MAX_PAYLOAD} bytes, not {length}")
+        crc = 0
+        for view in views:  # zlib releases the GIL on large buffers
+            crc = zlib.crc32(view, crc)
+        head = _HEAD.pack(length, crc)
+        size = len(head) + length
         with self._lock:
             self._check_appendable()
             try:
                 _write_all(self._fd, head)
-                _write_all(self._fd, payload)
+                for view in views:
+                    _write_all(self._fd, view)
             except OSError as exc:
                 self._failed_size = size
                 self._write_failed(exc)
@@ -536,7 +548,7 @@ class Journal:
             self._flusher.join(5)
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+def _write_all(fd: int, data: _Bytes) -> None:
     view = memoryview(data).cast("B")
     while view:  # bounded: every round writes at least one byte or raises
         written = os.write(fd, view)

@@ -239,6 +239,45 @@ def test_listing_over_shards_shows_each_sharded_session_once_and_whole(
                 session.delete()
 
 
+def test_a_problem_with_a_chunk_names_the_callers_tensor_and_its_rows(
+    servers: list[LiveServer],
+) -> None:
+    rng = np.random.default_rng(13)
+    params = initial(rng)
+    urls = [s.url for s in servers[:2]]
+
+    async def refused_async(session_id: str, token: str, grads: dict[str, Any]) -> Exception:
+        async with AsyncShardedSession.attach(urls, session_id, token, chunk_bytes=CHUNK) as s:
+            with pytest.raises(ValidationError) as caught:
+                await s.step(grads)
+            return caught.value
+
+    with Client(urls, chunk_bytes=CHUNK) as client:
+        session = client.create_session(params, "sgd")
+        layout = Layout.plan({n: (np.shape(a), 4) for n, a in params.items()}, 2, CHUNK)
+        narrow = {"big": np.zeros((203, 16), np.float32)}  # a column short: every chunk wrong
+        nan = {"big": np.zeros((203, 17), np.float32)}
+        nan["big"][150, 3] = np.nan  # in the second chunk only
+        for grads, slug in ((narrow, "shape-mismatch"), (nan, "nonfinite")):
+            with pytest.raises(ValidationError) as caught:
+                session.step(grads)
+            error = caught.value
+            chunk = error.problem["chunk"]
+            name, index = layout.owner(chunk) or ("", -1)
+            piece = layout.pieces("big", 203)[index]
+            assert name == "big" and error.problem["tensor"] == "big", error.problem
+            assert error.problem["shard"] == piece.shard and error.type.endswith(slug)
+            assert f"({chunk} is rows {piece.start}:{piece.stop} of 'big', on shard " in str(error)
+            assert isinstance(error.__cause__, ValidationError)  # the shard's own words
+            assert error.__cause__.problem["tensor"] == chunk
+            if slug == "nonfinite":
+                assert piece.start <= 150 < piece.stop
+            told = asyncio.run(refused_async(session.id, str(session.token), grads))
+            assert isinstance(told, ValidationError) and told.problem == error.problem
+        assert session.versions == (0, 0)  # refused: nothing changed on either shard
+        session.delete()
+
+
 def kill(server: LiveServer) -> None:
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(10)
@@ -291,7 +330,8 @@ def test_nan_goes_only_to_its_shard_so_that_the_shards_agree(servers: list[LiveS
         grads["big"][150, 3] = np.nan  # in one chunk of "big": one shard
         with pytest.raises(ValidationError) as caught:  # the shard's own 422, not a ShardError
             strict.step(grads)
-        assert caught.value.problem["tensor"] == "big#2"
+        assert caught.value.problem["tensor"] == "big"  # the caller's tensor,
+        assert caught.value.problem["chunk"] == "big#2"  # and the piece the shard refused
         assert strict.info()["versions"] == [0, 0, 0]
         assert_same(strict.pull(), before)
 

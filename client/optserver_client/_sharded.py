@@ -34,7 +34,7 @@ from optserver_client._protocol import (
     new_key,
     weight_arrays,
 )
-from optserver_client.exceptions import ConflictError, ProtocolError, ShardError
+from optserver_client.exceptions import APIError, ConflictError, ProtocolError, ShardError
 from optserver_client.safetensors_io import encode, encode_parts
 from optserver_client.sharding import Layout
 from optserver_client.vocabulary import (
@@ -80,6 +80,8 @@ class Fanout(Generic[T]):
     merge: Callable[[dict[int, Any]], T]
     #: The Idempotency-Key the calls share (a step's), for the error of a partial failure.
     key: str | None = None
+    #: How a shard's error is told to the caller (shard index, error -> error), if not as is.
+    explain: Callable[[int, BaseException], BaseException] | None = None
 
 
 def settle(
@@ -91,6 +93,8 @@ def settle(
     """The merged result, or the error (see the module's docstring)."""
     if not errors:
         return fanout.merge(results)
+    if fanout.explain is not None:
+        errors = {i: _explained(fanout.explain, i, error) for i, error in errors.items()}
     first = min(errors)
     if not results:
         raise errors[first]
@@ -100,6 +104,15 @@ def settle(
         key=fanout.key,
         results=results,
     ) from errors[first]
+
+
+def _explained(
+    explain: Callable[[int, BaseException], BaseException], shard: int, error: BaseException
+) -> BaseException:
+    told = explain(shard, error)
+    if told is not error:
+        told.__cause__ = error
+    return told
 
 
 def exists_already(error: BaseException) -> bool:
@@ -339,7 +352,30 @@ class ShardedCore:
             self.last_applied = None if None in applied else all(applied)
             return join_tensors(self.layout, results.values(), outputs)
 
-        return Fanout(calls, merge, key)
+        return Fanout(calls, merge, key, self.explain)
+
+    def explain(self, shard: int, error: BaseException) -> BaseException:
+        """A shard's problem with a chunk ``NAME#k`` of a cut tensor, told of the caller's
+        tensor: ``tensor`` is ``NAME``, ``chunk`` the chunk's name and ``shard`` its shard,
+        and the detail, the server's, says which rows of ``NAME`` the chunk holds."""
+        if not isinstance(error, APIError):
+            return error
+        remote = error.problem.get("tensor")
+        owner = self.layout.owner(remote) if isinstance(remote, str) else None
+        if owner is None:
+            return error
+        name, index = owner
+        where = f"chunk {index} of {name!r}, on shard {shard}"
+        shape = self.shapes.get(name)
+        if shape:
+            piece = self.layout.pieces(name, shape[0])[index]
+            where = f"rows {piece.start}:{piece.stop} of {name!r}, on shard {shard}"
+        detail = error.detail or error.title
+        problem = {
+            **error.problem, "tensor": name, "chunk": remote, "shard": shard,
+            "detail": f"{detail} ({remote} is {where})",
+        }  # fmt: skip
+        return type(error)(error.status, problem, error.response_headers)
 
     def _nonfinite_shards(self, grads: Mapping[str, Array]) -> set[int]:
         """The shards whose pieces of ``grads`` hold NaN or Inf (none under 'allow')."""
@@ -381,7 +417,11 @@ class ShardedCore:
         else:
             per = self._remote_names(wanted)
             calls = {i: self.cores[i].pull(per[i], into.get(i)) for i in sorted(per)}
-        return Fanout(calls, lambda results: join_tensors(self.layout, results.values(), outputs))
+        return Fanout(
+            calls,
+            lambda results: join_tensors(self.layout, results.values(), outputs),
+            explain=self.explain,
+        )
 
     def _remote_names(self, names: Iterable[str]) -> dict[int, list[str]]:
         """Per shard, the shard-side names under which it stores its parts of ``names``."""
@@ -401,7 +441,7 @@ class ShardedCore:
         parts = split_tensors(self.layout, arrays)
         self.holders.update(parts)
         calls = {i: self.cores[i].set_params(part) for i, part in sorted(parts.items())}
-        return Fanout(calls, self._merged_info)
+        return Fanout(calls, self._merged_info, explain=self.explain)
 
     # --- the session -----------------------------------------------------------------------
 

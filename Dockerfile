@@ -45,7 +45,7 @@ WORKDIR /home/optserver
 # container then loads them (the server's background warm-up at start, well under a second)
 # instead of compiling them (~25 s of CPU, and ~0.3 s on the first step that needs one). The
 # cache matches this CPU model only: on another, the warm-up compiles them again at start.
-RUN python -c "from optserver.api import idempotency; from optserver.optim import warm_up; \
+RUN python -c "from optserver import idempotency; from optserver.optim import warm_up; \
 idempotency.warm_up(); warm_up()"
 EXPOSE 8000
 # No curl in slim images: the check uses Python's urllib.

@@ -1,6 +1,6 @@
 """The server's use cases, end to end, without HTTP: what each route asks for.
 
-A push goes: decode the body (:mod:`optserver.api.codec`) -> admit and apply it in the session's
+A push goes: decode the body (:mod:`optserver.codec`) -> admit and apply it in the session's
 turn (:class:`~optserver.coordinator.Coordinator`, which calls :meth:`Session.step` or a sync
 round's :meth:`Session.apply_round` in a worker thread) -> wait until its journal record is
 durable (:meth:`Service.durable`, outside the session's turn: the next push is applied
@@ -22,16 +22,16 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import numpy as np
 
-from optserver.api.codec import decode_params, decode_push, decode_tensors_json, limits
-from optserver.api.idempotency import fingerprint
-from optserver.api.schemas import CreateSessionRequest, PatchSessionRequest, parse_json
+from optserver.codec import decode_params, decode_push, decode_tensors_json, limits
 from optserver.config import Settings
 from optserver.coordinator import Coordinator
 from optserver.errors import ProblemError
 from optserver.frozen import Frozen
+from optserver.idempotency import fingerprint
 from optserver.metrics import Metrics
 from optserver.push import Outcome, Push
 from optserver.replies import MEDIA, Answer, Format, Reply, Returns, encode_outcome, weights_reply
+from optserver.schemas import CreateSessionRequest, PatchSessionRequest, parse_json
 from optserver.session import KEEP, Session
 from optserver.snapshot import export_session, import_session
 from optserver.store import SessionStore

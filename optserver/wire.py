@@ -38,7 +38,7 @@ Buffer = safetensors_io.Buffer
 @dataclass(frozen=True)
 class Limits:
     """Bounds on decoded tensors. No defaults: the values come from the settings, which alone
-    hold them (``optserver.api.codec.limits``)."""
+    hold them (``optserver.codec.limits``)."""
 
     max_tensors: int
     max_elements: int

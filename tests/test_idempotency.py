@@ -182,7 +182,7 @@ def test_fingerprint_sees_any_one_change() -> None:
     another media type or return option: another fingerprint; the same request: the same."""
     from optserver_client import safetensors_io
 
-    from optserver.api.idempotency import fingerprint
+    from optserver.idempotency import fingerprint
 
     g = np.random.default_rng(0).standard_normal(1_000_003).astype(np.float32)
     body = bytes(safetensors_io.encode({"w": g}, {"lr": "0.1"}))

@@ -1,6 +1,6 @@
 """The layers of ARCHITECTURE.md, held by what each module imports (read from its source, not
-run): the optimizer core imports nothing else of the server; below the service, nothing knows
-HTTP; the client never imports the server, and torch only where it is the point."""
+run): the optimizer core imports nothing else of the server; from the service down, nothing
+knows HTTP; the client never imports the server, and torch only where it is the point."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ CLIENT = ROOT / "client" / "optserver_client"
 #: What HTTP is served with (the client uses httpx, which brings h11: it is not checked there).
 FRAMEWORKS = ("fastapi", "starlette", "uvicorn")
 HTTP = (*FRAMEWORKS, "httptools", "h11")
-#: The server's modules above the sessions: the HTTP edge, the command line, the demo (which
-#: starts servers), the service (each use case, decoding included), the entry points.
-ABOVE = ("api/", "cli/", "demo/", "service.py", "embedded.py", "__main__.py")
+#: The server's modules above the service: the HTTP edge, the command line, the demo (which
+#: starts servers), the entry points.
+ABOVE = ("api/", "cli/", "demo/", "embedded.py", "__main__.py")
 
 
 def _imports(path: Path, *, top_level: bool = False) -> set[str]:
@@ -58,7 +58,7 @@ def test_the_optimizer_core_imports_nothing_else_of_the_server(path: Path) -> No
 @pytest.mark.parametrize(
     "path", [p for p in _modules(SERVER) if not _rel(p).startswith(ABOVE)], ids=_rel
 )
-def test_nothing_below_the_service_knows_http(path: Path) -> None:
+def test_nothing_from_the_service_down_knows_http(path: Path) -> None:
     http = {n for n in _imports(path) if _within(n, (*HTTP, "optserver.api", "optserver.cli"))}
     assert not http, f"{_rel(path)} imports {sorted(http)}"
 

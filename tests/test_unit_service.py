@@ -14,7 +14,7 @@ import pytest
 from optserver_client import safetensors_io
 from pydantic import BaseModel
 
-from optserver.api import schemas
+from optserver import schemas
 from optserver.api.app import create_app
 from optserver.config import Settings
 from optserver.coordinator import Coordinator

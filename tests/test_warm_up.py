@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from optserver_client import Client
 
-from optserver.api import idempotency
+from optserver import idempotency
 from optserver.optim import OPTIMIZERS, create, kernels, warm_up
 from optserver.optim.warmup import SHARED, WarmUpThread, _flag_sets
 from tests.live import live_server

@@ -14,18 +14,17 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
-from optserver import __version__, buffers
-from optserver.api import idempotency
+from optserver import __version__, buffers, idempotency
 from optserver.api.hot import Handlers, HotPath, hot_routes
 from optserver.api.middleware import MetricsMiddleware
 from optserver.api.problems import install_problem_handlers
 from optserver.api.routes import health, sessions, state, tensors
-from optserver.api.schemas import REQUEST_MODELS
 from optserver.config import Settings
 from optserver.coordinator import Coordinator
 from optserver.durability import DataDir
 from optserver.metrics import Metrics
 from optserver.optim import configure_threads, warm_up_in_background
+from optserver.schemas import REQUEST_MODELS
 from optserver.service import Service
 from optserver.store import SessionStore, StoreLimits
 

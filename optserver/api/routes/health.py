@@ -9,8 +9,8 @@ from optserver_client.vocabulary import JSON, RETRY_AFTER_HEADER
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from optserver.api.deps import MetricsAuth, MetricsDep, StoreDep
-from optserver.api.schemas import ADMIN_SECURITY, problem_responses
 from optserver.durability import DataDir
+from optserver.schemas import ADMIN_SECURITY, problem_responses
 
 router = APIRouter(tags=["operations"])
 

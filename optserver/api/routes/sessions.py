@@ -9,7 +9,7 @@ from optserver_client.vocabulary import JSON, VERSION_HEADER
 
 from optserver.api.deps import AcceptsJSON, AdminDep, ServiceDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format
-from optserver.api.schemas import (
+from optserver.schemas import (
     ADMIN_SECURITY,
     CreateSessionRequest,
     PatchSessionRequest,

@@ -10,7 +10,7 @@ from optserver_client.vocabulary import BINARY, VERSION_HEADER
 from optserver.api.deps import AcceptsJSON, AdminDep, ServiceDep, SessionDep, SettingsDep
 from optserver.api.http import RawResponse, read_body, request_format, response_format
 from optserver.api.routes.sessions import json_response
-from optserver.api.schemas import ADMIN_SECURITY, SessionCreated, request_body, responses
+from optserver.schemas import ADMIN_SECURITY, SessionCreated, request_body, responses
 
 router = APIRouter(prefix="/v1/sessions", tags=["state"])
 

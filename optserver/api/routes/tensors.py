@@ -9,7 +9,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from optserver.api.deps import AcceptsJSON, ServiceDep, SessionDep, SettingsDep
 from optserver.api.http import read_body, reply_response, request_format, response_format
 from optserver.api.routes.sessions import json_response
-from optserver.api.schemas import (
+from optserver.replies import Format, Returns
+from optserver.schemas import (
     ParamsRequest,
     ParamsResponse,
     PutParamsResponse,
@@ -18,7 +19,6 @@ from optserver.api.schemas import (
     request_body,
     responses,
 )
-from optserver.replies import Format, Returns
 from optserver.wire import Buffer
 
 router = APIRouter(prefix="/v1/sessions/{session_id}", tags=["tensors"])

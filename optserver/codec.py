@@ -19,11 +19,11 @@ from optserver_client.vocabulary import (
     ProblemSlug,
 )
 
-from optserver.api.schemas import ParamsRequest, StepRequest, parse_json
 from optserver.config import Settings
 from optserver.errors import InvalidTensor, LimitExceeded, UnprocessableContent
 from optserver.push import Push
 from optserver.replies import Format
+from optserver.schemas import ParamsRequest, StepRequest, parse_json
 from optserver.session import Session
 from optserver.wire import (
     Buffer,

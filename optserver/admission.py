@@ -64,7 +64,8 @@ def admit(session: Session, push: Push) -> Admitted:
     """Decide on ``push``; raises a problem, changing nothing, if it cannot be applied."""
     if not push.grads:
         raise InvalidTensor("the push carries no gradients", slug=ProblemSlug.NO_GRADIENTS)
-    session.mode.admit(push, session.judged_version(push))
+    version = session.judged_version(push)  # the session's, or its step's first part's
+    session.mode.admit(push, version)
     if push.base_version is not None and push.base_version > session.version:
         raise Conflict(
             f"base_version {push.base_version} is ahead of the session's version {session.version}",
@@ -87,7 +88,7 @@ def admit(session: Session, push: Push) -> Admitted:
             )
         specs[name] = TensorSpec(param.shape, param_dtype(param.dtype))
     # The one check of the update's shapes, dtypes and options (the optimizer's own).
-    plan = prepare(session, push.grads, specs, push)
+    plan = prepare(session, push.grads, specs, push, version)
     apply, large = True, set()
     for name, value in push.params.items():
         ok, outside = _finite(session.nonfinite, name, value, param_dtype(value.dtype), "weights")
@@ -102,11 +103,11 @@ def admit(session: Session, push: Push) -> Admitted:
     return Admitted(plan, apply, frozenset(large))
 
 
-def _step_rate(session: Session, push: Push) -> Rate | None:
-    """How ``push`` sets a group's learning rate (None: as given): the push's (or its group
-    override's), else the schedule's from the group's own rate, as the mode scales it (ssp's
-    staleness scaling)."""
-    schedule, version = session.schedule, session.judged_version(push)
+def _step_rate(session: Session, push: Push, version: int) -> Rate | None:
+    """How ``push``, judged at ``version``, sets a group's learning rate (None: as given): the
+    push's (or its group override's), else the schedule's from the group's own rate, as the
+    mode scales it (ssp's staleness scaling)."""
+    schedule = session.schedule
     scales = session.mode.scales_lr(push)
     if schedule is None and not scales:
         return None
@@ -126,11 +127,14 @@ def prepare(
     grads: Mapping[str, np.ndarray],
     params: Mapping[str, np.ndarray | TensorSpec],
     push: Push,
+    version: int,
 ) -> GroupPlan:
-    """The optimizer's check of an update with ``push``'s options, its errors as problems."""
+    """The optimizer's check of an update with ``push``'s options, judged at ``version``
+    (:meth:`Session.judged_version`), its errors as problems."""
     try:
+        rate = _step_rate(session, push, version)
         return session.optimizer.prepare(
-            grads, params, lr=push.lr, overrides=push.groups, rate=_step_rate(session, push)
+            grads, params, lr=push.lr, overrides=push.groups, rate=rate
         )
     except TensorError as exc:
         raise _tensor_problem(exc) from None

@@ -280,7 +280,8 @@ class Session:
         ``partial``: a part of a worker's step that a later push completes (the version
         counts whole steps)."""
         for push in pushes:
-            judged = self.judged_version(push)
+            # A part opens (or continues) its step at the version it was judged at.
+            opened = OpenStep(push.base_version, self.judged_version(push)) if partial else None
             stats = self.workers.get(push.worker)
             if push.base_version is not None:
                 staleness = self.version - push.base_version
@@ -292,7 +293,7 @@ class Session:
                 stats.applied += 1
                 stats.last_base_version = push.base_version
                 stats.last_version = self.version + (not partial)
-                stats.open_step = OpenStep(push.base_version, judged) if partial else None
+                stats.open_step = opened
         self.updated_at = time.time()
         if partial:
             return
@@ -510,7 +511,8 @@ class Session:
                     mean = _mean(contributing, self.params)
                     assert first is not None  # a round has members
                     # The round steps with the first member's options (its lr, its groups').
-                    stepped = self._update(prepare(self, mean, self.params, first), {}, large)
+                    plan = prepare(self, mean, self.params, first, self.judged_version(first))
+                    stepped = self._update(plan, {}, large)
                 if stepped:
                     self._applied([m.push for m in contributing])
                 else:

@@ -365,15 +365,16 @@ class ShardedCore:
         if owner is None:
             return error
         name, index = owner
-        where = f"chunk {index} of {name!r}, on shard {shard}"
         shape = self.shapes.get(name)
         if shape:
             piece = self.layout.pieces(name, shape[0])[index]
-            where = f"rows {piece.start}:{piece.stop} of {name!r}, on shard {shard}"
-        detail = error.detail or error.title
+            part = f"rows {piece.start}:{piece.stop}"
+        else:
+            part = f"chunk {index}"
         problem = {
             **error.problem, "tensor": name, "chunk": remote, "shard": shard,
-            "detail": f"{detail} ({remote} is {where})",
+            "detail": f"{error.detail or error.title} ({remote} is {part} of {name!r}, on shard "
+            f"{shard})",
         }  # fmt: skip
         return type(error)(error.status, problem, error.response_headers)
 

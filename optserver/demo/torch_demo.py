@@ -9,7 +9,6 @@ torch is imported by this module only: the numpy demo never needs it.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -113,7 +112,7 @@ def torch_baseline(
     rng = np.random.default_rng(seed)
     loss_fn = torch.nn.CrossEntropyLoss()
     # The session's schedule: the rate annealed to zero over all the steps.
-    total = epochs * math.ceil(len(y) / batch)
+    total = epochs * steps_per_epoch(len(y), 1, batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=total)
     steps = 0
     for _ in range(epochs):

@@ -262,27 +262,38 @@ RPC_SERVER = "ps"
 _rpc_state: dict[str, Any] = {}
 
 
-def rpc_environment(port: int) -> None:
+def rpc_environment(port: int, address: str = "127.0.0.1", device: str = "lo") -> None:
+    """torch rpc's rendezvous at ``address:port``, its sockets on network ``device``."""
     # torch's rpc start-up warns that it uses a Gloo backend as a process group: noise here.
     warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=address,
         MASTER_PORT=str(port),
-        TP_SOCKET_IFNAME="lo",
-        GLOO_SOCKET_IFNAME="lo",
+        TP_SOCKET_IFNAME=device,
+        GLOO_SOCKET_IFNAME=device,
+    )
+
+
+def rpc_backend_options(
+    port: int, channels: Sequence[str], *, threads: int, timeout: float, address: str = "127.0.0.1"
+) -> Any:
+    """TensorPipe over TCP (``uv``) with ``channels`` (none given: TensorPipe's choice)."""
+    import torch.distributed.rpc as rpc
+
+    return rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://{address}:{port}",
+        num_worker_threads=threads,
+        rpc_timeout=timeout,
+        _transports=["uv"],
+        _channels=list(channels) or None,
     )
 
 
 def rpc_options(target: Target) -> Any:
-    import torch.distributed.rpc as rpc
-
-    return rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://127.0.0.1:{target.port}",
-        num_worker_threads=max(16, 2 * target.world),
-        rpc_timeout=STARTUP_TIMEOUT,
-        _transports=["uv"],
-        _channels=list(target.rpc_channels) or None,
-    )
+    return rpc_backend_options(
+        target.port, target.rpc_channels, threads=max(16, 2 * target.world),
+        timeout=STARTUP_TIMEOUT,
+    )  # fmt: skip
 
 
 def torch_adam(param: Any) -> tuple[Any, str]:

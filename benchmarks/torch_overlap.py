@@ -43,14 +43,20 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from ps_compare import CpuSample, cores_used, machine_busy_ticks, tree_ticks
+from ps_compare import (
+    CpuSample,
+    cores_used,
+    machine_busy_ticks,
+    rpc_backend_options,
+    rpc_environment,
+    tree_ticks,
+)
 
 SYSTEMS = ("torch.optim", "torch rpc", "optserver", "optserver overlap")
 LAYERS, WIDTH, BATCH, LR = 10, 1000, 64, 1e-4
@@ -69,23 +75,10 @@ def make_model() -> torch.nn.Module:
 # --- the torch rpc parameter server ------------------------------------------------------------
 
 
-def rpc_environment(address: str, device: str) -> None:
-    warnings.filterwarnings("ignore", message="You are using a Backend", category=UserWarning)
-    os.environ.update(
-        MASTER_ADDR=address, MASTER_PORT=str(RPC_PORT), TP_SOCKET_IFNAME=device,
-        GLOO_SOCKET_IFNAME=device,
-    )  # fmt: skip
-
-
 def rpc_options(address: str) -> Any:
-    import torch.distributed.rpc as rpc
-
-    return rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://{address}:{RPC_PORT}", num_worker_threads=8, rpc_timeout=300,
-        # TCP, as between machines (and as optserver's pushes go): on one machine TensorPipe
-        # would otherwise move tensors by shared memory.
-        _transports=["uv"], _channels=["basic"],
-    )  # fmt: skip
+    # TCP, as between machines (and as optserver's pushes go): on one machine TensorPipe would
+    # otherwise move tensors by shared memory.
+    return rpc_backend_options(RPC_PORT, ["basic"], threads=8, timeout=300, address=address)
 
 
 def rpc_apply(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -100,7 +93,7 @@ def rpc_apply(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 def rpc_server(address: str, device: str) -> None:
     import torch.distributed.rpc as rpc
 
-    rpc_environment(address, device)
+    rpc_environment(RPC_PORT, address, device)
     params = list(make_model().parameters())
     _state.update(
         params=params, opt=torch.optim.Adam(params, lr=LR, foreach=True), lock=threading.Lock()
@@ -163,7 +156,7 @@ def trainer(url: str, rpc_address: str, device: str, steps: int, rounds: int) ->
     """Every system, ``rounds`` times in turn; the samples as JSON on stdout."""
     import torch.distributed.rpc as rpc
 
-    rpc_environment(rpc_address, device)
+    rpc_environment(RPC_PORT, rpc_address, device)
     rpc.init_rpc(  # type: ignore[no-untyped-call]
         "trainer", rank=1, world_size=2, rpc_backend_options=rpc_options(rpc_address)
     )
